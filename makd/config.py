@@ -1,0 +1,177 @@
+"""One YAML config for the whole pipeline; each stage reads the sections it needs.
+
+Precedence: built-in defaults < YAML file < `key.sub=value` overrides on the command line. The resolved
+config is validated (unknown keys and bad values name the key) and saved with every run.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from makd.atomic import write_text
+from makd.errors import MakdError
+from makd.validation import validate
+
+BUILTIN_PREFIX = "makd:"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
+    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package)")
+    train_per_class: int | None = Field(20, ge=1, description="few-shot training subset per class; null = all")
+    val_per_class: int | None = Field(50, ge=1, description="validation images per class, drawn from the rest of the training pool")
+    test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
+    split_seed: int = 0
+    image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")
+    augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = "auto"
+    num_workers: int = Field(0, ge=0)
+
+
+class LabelsConfig(Section):
+    path: str | None = Field(None, description="label store folder (written by `makd label`, read by `makd train`)")
+    splits: list[Literal["train", "val", "test"]] = ["train"]
+    max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
+    shard_size: int = Field(512, ge=1)
+    permute: Literal["none", "images", "within_class"] = Field(
+        "none", description="control: shuffle teacher targets across training images (or within each class)")
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet8", description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
+    width: int = Field(16, ge=1, description="base width of the small ResNets")
+    pretrained: bool | str = Field(False, description="timm: true = hub weights, or a local file path")
+    aspect_head: Literal["linear", "mlp"] = "linear"
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+class LossTerm(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    weight: float = Field(1.0, ge=0)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(120, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    eval_every: int = Field(5, ge=1, description="validate every N epochs (and after the last)")
+    eval_batch_size: int = Field(256, ge=1)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
+    channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
+                                "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Config(Section):
+    name: str = "run"
+    out: str = Field("runs/run", description="run folder")
+    questions: str | None = Field(None, description="question-set JSON (or makd:<resource> for a built-in one)")
+    data: DataConfig = DataConfig()
+    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"})
+    labels: LabelsConfig = LabelsConfig()
+    model: ModelConfig = ModelConfig()
+    loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)})
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def resolve_path(value: str) -> Path:
+    """`makd:x/y.json` names a file shipped inside the package; anything else is a normal path."""
+    if value.startswith(BUILTIN_PREFIX):
+        return Path(str(resources.files("makd") / "resources" / value[len(BUILTIN_PREFIX):]))
+    return Path(value)
+
+
+def builtin_config(name: str) -> dict[str, Any]:
+    return _read_yaml(Path(str(resources.files("makd") / "configs" / f"{name}.yaml")))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MakdError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise MakdError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MakdError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`train.epochs=10 loss.aspect_bce.weight=0` -> nested dict; values are parsed as YAML scalars/lists."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise MakdError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MakdError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
+    # Start from the full defaults so an override of one loss term keeps the others.
+    data = deep_merge(to_dict(Config()), base or {})
+    if path is not None:
+        data = deep_merge(data, _read_yaml(Path(path)))
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return validate(Config, data, f"config {path}" if path else "config")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))

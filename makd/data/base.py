@@ -1,0 +1,117 @@
+"""Image splits: samples with a stable id, a class index, and a way to load the image.
+
+The sample id (`split/index` for array datasets, the path relative to the root for files) is the join key
+with the label store: labels are never matched by position or parsed from file names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from makd.errors import MakdError
+
+
+@dataclass
+class ImageSplit:
+    """A list of samples of one dataset. Images come either from an in-memory uint8 array or from files."""
+
+    name: str
+    sample_ids: list[str]
+    targets: np.ndarray
+    class_names: list[str]
+    array: np.ndarray | None = None  # [N, H, W] or [N, H, W, C] uint8
+    paths: list[Path] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.targets = np.asarray(self.targets, dtype=np.int64)
+        n = len(self.sample_ids)
+        sizes = {len(self.targets), n, len(self.array) if self.array is not None else n, len(self.paths or []) or n}
+        if len(sizes) != 1:
+            raise ValueError(f"split {self.name!r}: ids, targets and images differ in length {sorted(sizes)}")
+        if (self.array is None) == (self.paths is None):
+            raise ValueError(f"split {self.name!r}: give exactly one of array or paths")
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image(self, i: int) -> Image.Image:
+        """The i-th image as PIL, in its native mode ('L' stays grey)."""
+        if self.array is not None:
+            return Image.fromarray(self.array[i])
+        return load_image(self.paths[i])
+
+    def images(self, indices: Sequence[int]) -> list[Image.Image]:
+        return [self.image(int(i)) for i in indices]
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSplit":
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSplit(
+            name=name or self.name,
+            sample_ids=[self.sample_ids[i] for i in idx],
+            targets=self.targets[idx],
+            class_names=self.class_names,
+            array=None if self.array is None else self.array[idx],
+            paths=None if self.paths is None else [self.paths[i] for i in idx],
+            info=dict(self.info),
+        )
+
+    @staticmethod
+    def concat(splits: Sequence["ImageSplit"], name: str) -> "ImageSplit":
+        """Samples of several splits of one dataset, in order (e.g. everything a label job covers)."""
+        first = splits[0]
+        return ImageSplit(
+            name=name,
+            sample_ids=[sid for s in splits for sid in s.sample_ids],
+            targets=np.concatenate([s.targets for s in splits]),
+            class_names=first.class_names,
+            array=None if first.array is None else np.concatenate([s.array for s in splits]),
+            paths=None if first.paths is None else [p for s in splits for p in s.paths],
+            info=dict(first.info),
+        )
+
+    @property
+    def channels(self) -> int:
+        """1 for greyscale data (judged by the first image for files), else 3."""
+        if self.array is not None:
+            return 1 if self.array.ndim == 3 else self.array.shape[-1]
+        return 1 if self.image(0).mode == "L" else 3
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image fully now, so a corrupt file fails here with its name, not later in a worker."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+    except FileNotFoundError:
+        raise MakdError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MakdError(f"cannot read image {path}: {exc}") from None
+
+
+def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generator, exclude: np.ndarray | None = None,
+                     at_most: bool = False) -> np.ndarray:
+    """Indices of `per_class` randomly chosen samples of every class (sorted), skipping `exclude`.
+
+    With `at_most`, a class with fewer samples contributes all of them instead of raising.
+    """
+    available = np.ones(len(targets), dtype=bool)
+    if exclude is not None:
+        available[exclude] = False
+    chosen = []
+    for cls in np.unique(targets):
+        pool = np.flatnonzero((targets == cls) & available)
+        if len(pool) < per_class and not at_most:
+            raise MakdError(f"class {cls} has only {len(pool)} samples available, {per_class} requested")
+        chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen))

@@ -1,0 +1,52 @@
+"""ImageFolder trees: `root/<split>/<class>/<image>`, class names from the `train` folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from makd.data.base import ImageSplit
+from makd.errors import MakdError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def list_classes(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise MakdError(f"data.root: folder not found: {root}")
+    train = root / "train"
+    if not train.is_dir():
+        raise MakdError(f"imagefolder root {root} has no train/ folder (expected root/train/<class>/<image>)")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise MakdError(f"{train} has no class folders")
+    return classes
+
+
+def load_imagefolder(root: str | Path, split: str, classes: list[str] | None = None) -> ImageSplit | None:
+    """One split folder, or None if the folder does not exist. Sample ids are paths relative to root."""
+    root = Path(root)
+    classes = classes or list_classes(root)
+    folder = root / split
+    if not folder.is_dir():
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    paths, targets = [], []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if class_dir.name not in index:
+            raise MakdError(f"{class_dir}: class {class_dir.name!r} is not among the train/ classes")
+        files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        paths += files
+        targets += [index[class_dir.name]] * len(files)
+    if not paths:
+        raise MakdError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ImageSplit(
+        name=split,
+        sample_ids=[p.relative_to(root).as_posix() for p in paths],
+        targets=np.asarray(targets),
+        class_names=classes,
+        paths=paths,
+        info={"dataset": "imagefolder", "root": str(root)},
+    )

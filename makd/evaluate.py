@@ -1,0 +1,111 @@
+"""Evaluation on class logits only; the aspect head is judged separately, against the teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from makd.data.base import ImageSplit
+from makd.errors import MakdError
+from makd.data.transforms import InputSpec, SplitDataset, build_transform
+from makd.models import Student
+
+
+@dataclass
+class Predictions:
+    class_logits: np.ndarray  # [N, C]
+    aspect_logits: np.ndarray | None  # [N, Q]
+    targets: np.ndarray  # [N]
+
+
+@torch.inference_mode()
+def predict(model: Student, split: ImageSplit, spec: InputSpec, batch_size: int = 512, device: str | torch.device = "cpu",
+            channels_last: bool = False, num_workers: int = 0) -> Predictions:
+    loader = DataLoader(SplitDataset(split, build_transform(spec, train=False), spec), batch_size=batch_size,
+                        num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    class_parts, aspect_parts = [], []
+    for x, _, _ in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        class_parts.append(out.class_logits.float().cpu())
+        if out.aspect_logits is not None:
+            aspect_parts.append(out.aspect_logits.float().cpu())
+    model.train(was_training)
+    return Predictions(torch.cat(class_parts).numpy(), torch.cat(aspect_parts).numpy() if aspect_parts else None,
+                       split.targets.copy())
+
+
+def topk_accuracy(class_logits: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
+    """Percentage of samples whose label is among the k highest class logits."""
+    k = min(k, class_logits.shape[1])
+    topk = np.argpartition(-class_logits, k - 1, axis=1)[:, :k]
+    return float(100.0 * np.mean(np.any(topk == targets[:, None], axis=1)))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Correlation of matching columns; NaN where either column is constant."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(axis=0) / denom, np.nan)
+
+
+@dataclass
+class AspectAgreement:
+    """Per-question agreement of the student's aspect probabilities with the teacher's."""
+
+    correlation: np.ndarray  # [Q] Pearson r
+    mean_abs_error: np.ndarray  # [Q]
+    summary: dict = field(default_factory=dict)
+
+
+def aspect_agreement(aspect_logits: np.ndarray, teacher_logodds: np.ndarray) -> AspectAgreement:
+    student, teacher = sigmoid(aspect_logits.astype(np.float64)), sigmoid(teacher_logodds.astype(np.float64))
+    corr = pearson_per_column(student, teacher)
+    mae = np.abs(student - teacher).mean(axis=0)
+    return AspectAgreement(corr, mae, {"mean_correlation": float(np.nanmean(corr)), "mean_abs_error": float(mae.mean())})
+
+
+def evaluate_file(model_path: str, split: str = "test", labels: str | None = None,
+                  overrides: list[str] | None = None) -> dict:
+    """Evaluate a student file on a split of the data it was trained on (or as overridden)."""
+    from makd.config import load_config
+    from makd.data import build_splits
+    from makd.engine.checkpoint import load_student
+    from makd.labels import LabelStore
+
+    model, meta = load_student(model_path)
+    config = load_config(base=meta["config"], overrides=overrides)
+    data = build_splits(config.data)[split]
+    if data.class_names != meta["classes"]:
+        raise MakdError(f"{model_path} was trained on classes {meta['classes'][:3]}..., the data has {data.class_names[:3]}...")
+    preds = predict(model, data, InputSpec(**meta["input"]), config.train.eval_batch_size,
+                    num_workers=config.data.num_workers)
+    report = {"model": str(model_path), "split": split, "num_images": len(data),
+              "top1": topk_accuracy(preds.class_logits, preds.targets, 1),
+              "top5": topk_accuracy(preds.class_logits, preds.targets, 5)}
+    store_path = labels or config.labels.path
+    if preds.aspect_logits is not None and store_path:
+        store = LabelStore.open(store_path)
+        if store.meta["question_set_hash"] != meta["question_set_hash"]:
+            raise MakdError(f"label store {store_path} is for question set {store.meta['question_set_hash']}, "
+                            f"the model's aspect head for {meta['question_set_hash']}")
+        positions, logodds, _ = store.available(data.sample_ids)
+        if len(positions):
+            agreement = aspect_agreement(preds.aspect_logits[positions], logodds)
+            report.update({"aspect_images": int(len(positions)), **{f"aspect_{k}": v for k, v in agreement.summary.items()},
+                           "aspect_correlation": dict(zip((q["text"] for q in meta["questions"]),
+                                                          np.round(agreement.correlation, 4).tolist()))})
+    return report

@@ -1,0 +1,193 @@
+"""A folder of Parquet shards (`sample_id`, `logodds[Q]`, `mass[Q]`) plus `labels.json` metadata.
+
+Shard i always holds samples [i * shard_size, (i + 1) * shard_size) of the recorded sample order, and is
+written under a temporary name then renamed, so a killed job resumes at the first missing shard, and
+workers of a sharded job (rank r of n takes shards i with i % n == r) never collide.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+import makd
+from makd.atomic import atomic_path, read_json, write_json
+from makd.data.base import ImageSplit
+from makd.errors import MakdError
+from makd.questions import QuestionSet
+from makd.teachers.base import Teacher
+
+META_FILE = "labels.json"
+FORMAT = "makd.labels/1"
+# Metadata that must match for a resumed job to continue an existing store.
+IDENTITY_KEYS = ("format", "question_set_hash", "teacher", "num_samples", "sample_ids_hash", "shard_size")
+
+
+def ids_hash(sample_ids: Sequence[str]) -> str:
+    return "sha256:" + hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()[:16]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def software_versions() -> dict[str, str]:
+    import torch
+
+    return {"makd": makd.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "pyarrow": pa.__version__, "numpy": np.__version__}
+
+
+def shard_table(sample_ids: Sequence[str], logodds: np.ndarray, mass: np.ndarray) -> pa.Table:
+    q = logodds.shape[1]
+
+    def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, dtype=np.float32).ravel()), q)
+
+    return pa.table({"sample_id": pa.array(list(sample_ids), pa.string()), "logodds": fixed(logodds), "mass": fixed(mass)})
+
+
+@dataclass
+class LabelStore:
+    """Read side: metadata, completeness, and the join of sample ids to rows."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "LabelStore":
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise MakdError(f"{path} is not a label store (no {META_FILE}): run `makd label` first")
+        meta = read_json(path / META_FILE, "label store metadata")
+        if meta.get("format") != FORMAT:
+            raise MakdError(f"{path / META_FILE}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+        return cls(path, meta)
+
+    @property
+    def num_questions(self) -> int:
+        return len(self.meta["questions"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.meta["num_samples"] // self.meta["shard_size"])
+
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not (self.path / shard_name(i)).is_file()]
+
+    def check_questions(self, questions: QuestionSet, source: str = "the question set") -> None:
+        if questions.hash != self.meta["question_set_hash"]:
+            raise MakdError(
+                f"label store {self.path} was made for question set {self.meta['question_set_hash']}, "
+                f"but {source} has hash {questions.hash}: relabel, or use the question set it was made with")
+
+    def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """All rows in store order: (sample_ids, logodds [N, Q], mass [N, Q])."""
+        missing = self.missing_shards()
+        if missing:
+            raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
+                            f"(first: {shard_name(missing[0])}); resume `makd label`")
+        table = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)])
+        q = self.num_questions
+
+        def matrix(name: str) -> np.ndarray:
+            return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, q)
+
+        ids = table.column("sample_id").to_pylist()
+        if len(ids) != self.meta["num_samples"]:
+            raise MakdError(f"label store {self.path}: {len(ids)} rows, metadata says {self.meta['num_samples']}")
+        return ids, matrix("logodds"), matrix("mass")
+
+    def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row of each id or -1, logodds, mass) — the join by sample id, never by position."""
+        ids, logodds, mass = self.read()
+        row_of = {sid: i for i, sid in enumerate(ids)}
+        rows = np.fromiter((row_of.get(sid, -1) for sid in sample_ids), dtype=np.int64, count=len(sample_ids))
+        return rows, logodds, mass
+
+    def lookup(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(logodds, mass) rows for `sample_ids`, in that order; every id must have a row."""
+        rows, logodds, mass = self._rows(sample_ids)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            raise MakdError(f"sample {sample_ids[missing[0]]!r} has no row in label store {self.path} "
+                            f"({len(missing)} of {len(sample_ids)} samples missing; label them with `makd label`)")
+        return logodds[rows], mass[rows]
+
+    def available(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions in `sample_ids` that have a row, their logodds, their mass)."""
+        rows, logodds, mass = self._rows(sample_ids)
+        positions = np.flatnonzero(rows >= 0)
+        return positions, logodds[rows[positions]], mass[rows[positions]]
+
+
+def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard_size: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "question_set_hash": questions.hash,
+        "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
+        "classes": list(questions.classes),
+        "teacher": teacher.describe(),
+        "dataset": split.info,
+        "num_samples": len(split),
+        "sample_ids_hash": ids_hash(split.sample_ids),
+        "shard_size": shard_size,
+        "software": software_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _start_or_resume(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    meta_path = out / META_FILE
+    if meta_path.is_file() and not overwrite:
+        old = read_json(meta_path, "label store metadata")
+        for key in IDENTITY_KEYS:
+            if old.get(key) != meta[key]:
+                raise MakdError(f"label store {out} was started with a different {key} "
+                                f"({str(old.get(key))[:80]} vs {str(meta[key])[:80]}): use another folder, or --overwrite")
+        return
+    if overwrite:
+        for stale in out.glob("shard-*.parquet"):
+            stale.unlink()
+    write_json(meta_path, meta)
+
+
+def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out: str | Path, *,
+                shard_size: int = 512, rank: int = 0, world_size: int = 1, overwrite: bool = False,
+                progress: bool = True) -> LabelStore:
+    """Score every sample of `split` with `teacher`, writing shards this worker owns; skip finished ones."""
+    if not 0 <= rank < world_size:
+        raise MakdError(f"shard {rank}/{world_size}: rank must be in [0, {world_size})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _start_or_resume(out, _metadata(split, teacher, questions, shard_size), overwrite)
+    store = LabelStore.open(out)
+    todo = [i for i in store.missing_shards() if i % world_size == rank]
+    total = sum(min(shard_size, len(split) - i * shard_size) for i in todo)
+    with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
+        for index in todo:
+            rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))
+            logodds, mass = [], []
+            for start in range(rows.start, rows.stop, teacher.batch_size):
+                batch = range(start, min(start + teacher.batch_size, rows.stop))
+                scores = teacher.score(split.images(batch), questions)
+                if scores.logodds.shape != (len(batch), len(questions)):
+                    raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
+                                       f"for {len(batch)} images x {len(questions)} questions")
+                logodds.append(scores.logodds)
+                mass.append(scores.mass)
+                bar.update(len(batch))
+            table = shard_table([split.sample_ids[i] for i in rows], np.concatenate(logodds), np.concatenate(mass))
+            with atomic_path(out / shard_name(index)) as tmp:
+                pq.write_table(table, tmp)
+    return store

@@ -1,0 +1,1 @@
+"""Reports: run folders and multi-seed comparisons as Markdown and PNG plots."""

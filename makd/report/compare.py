@@ -1,0 +1,49 @@
+"""Multi-seed comparisons: mean ± std per method and paired differences with a t confidence interval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Summary:
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    mean: float
+    low: float
+    high: float
+    wins: int
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+def summarize(values: list[float]) -> Summary:
+    v = np.asarray(values, dtype=np.float64)
+    return Summary(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+
+
+def paired_difference(method: list[float], baseline: list[float], confidence: float = 0.95) -> PairedDifference:
+    """Mean of per-seed differences with a Student-t interval (seeds are the pairing unit)."""
+    d = np.asarray(method, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    n = len(d)
+    if n < 2:
+        return PairedDifference(float(d.mean()), float("nan"), float("nan"), int((d > 0).sum()), n)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    return PairedDifference(float(d.mean()), float(d.mean() - half), float(d.mean() + half), int((d > 0).sum()), n)

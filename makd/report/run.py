@@ -1,0 +1,36 @@
+"""`report.md` and `curves.png` of one training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from makd.atomic import write_text
+from makd.config import Config
+from makd.report.plots import training_curves
+
+
+def write_run_report(run: Path, config: Config, results: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    training_curves(history, run / "curves.png")
+    terms = ", ".join(f"{name} × {term.weight:g}" for name, term in config.loss.items() if term.weight > 0)
+    lines = [
+        f"# Run `{config.name}`",
+        "",
+        f"- model: `{config.model.name}` (width {config.model.width}), loss: {terms}, labels: "
+        f"{config.labels.path or 'none'} (permute: {config.labels.permute})",
+        f"- {config.train.epochs} epochs, batch {config.train.batch_size}, {config.optim.name} lr {config.optim.lr:g}, "
+        f"{config.schedule.name} schedule, seed {config.train.seed}",
+        "",
+        "| checkpoint | epoch | val top-1 | test top-1 | test top-5 |",
+        "|---|---|---|---|---|",
+        f"| best on validation | {results['best_epoch']} | {results['val_top1_best']:.2f} | {results['test_top1_best']:.2f} | {results['test_top5_best']:.2f} |",
+        f"| last | {config.train.epochs} | {results['val_top1_last']:.2f} | {results['test_top1_last']:.2f} | {results['test_top5_last']:.2f} |",
+        "",
+        "Accuracy uses the class logits only. The checkpoint is chosen on the validation split, never on test.",
+    ]
+    agreement = results.get("aspect_agreement_best")
+    if agreement:
+        lines += ["", f"Aspect head vs teacher on {agreement['num_images']} labelled test images: mean per-question "
+                      f"correlation {agreement['mean_correlation']:.3f}, mean |p_student − p_teacher| {agreement['mean_abs_error']:.3f}."]
+    lines += ["", "![training curves](curves.png)", ""]
+    write_text(run / "report.md", "\n".join(lines))

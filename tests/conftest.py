@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real-format datasets and a deterministic stand-in teacher for store tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from makd.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from makd.questions import QuestionSet  # noqa: E402
+from makd.teachers.base import AspectScores  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class PixelTeacher:
+    """Deterministic, image-dependent scores (a function of pixel statistics), for label-store tests."""
+
+    name: ClassVar[str] = "pixel"
+
+    def __init__(self, batch_size: int = 4, fail_after_calls: int | None = None) -> None:
+        self.batch_size = batch_size
+        self.calls = 0
+        self.fail_after_calls = fail_after_calls
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "formula": "tanh(mean pixel * (j + 1))"}
+
+    def score(self, images: Sequence[Image.Image], questions: QuestionSet) -> AspectScores:
+        self.calls += 1
+        if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
+            raise RuntimeError("simulated crash")
+        means = np.array([np.asarray(img, dtype=np.float32).mean() / 255.0 for img in images])
+        j = np.arange(len(questions)) + 1
+        logodds = np.tanh(means[:, None] * j[None, :]).astype(np.float32) * 3 - 1
+        return AspectScores(logodds, np.full_like(logodds, 0.9))
+
+
+def make_question_set(classes: list[str], n: int = 4) -> QuestionSet:
+    return QuestionSet.model_validate({
+        "name": "tiny", "classes": classes,
+        "questions": [{"id": f"q{i}", "text": f"Is this question number {i}?", "category": "visual"} for i in range(n)],
+    })
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> Any:
+    return load_fashion_mnist("test")
+
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Sandal"]
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory, fmnist_test: Any) -> Path:
+    """root/{train,test}/<class>/*.png from real Fashion-MNIST images: 3 classes x (6 train + 3 test)."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    wanted = {0: "T-shirt_top", 1: "Trouser", 5: "Sandal"}
+    for label, folder in wanted.items():
+        idx = np.flatnonzero(fmnist_test.targets == label)
+        for split, chosen in (("train", idx[:6]), ("test", idx[6:9])):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                Image.fromarray(fmnist_test.array[i]).save(root / split / folder / f"img{i}.png")
+    return root

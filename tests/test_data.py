@@ -1,0 +1,88 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from makd.config import DataConfig
+from makd.data import build_splits
+from makd.data.fashion_mnist import read_idx
+from makd.data.imagefolder import load_imagefolder
+from makd.data.transforms import SplitDataset, build_transform, input_spec
+from makd.errors import MakdError
+
+
+def test_fashion_mnist_few_shot_splits_are_seeded_disjoint_and_balanced():
+    splits = build_splits(DataConfig(train_per_class=20, val_per_class=50, split_seed=0))
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert len(train) == 200 and len(val) == 500 and len(test) == 10000
+    assert np.bincount(train.targets).tolist() == [20] * 10 and np.bincount(val.targets).tolist() == [50] * 10
+    assert not set(train.sample_ids) & set(val.sample_ids)
+    assert all(s.startswith("train/") for s in train.sample_ids + val.sample_ids)
+    again = build_splits(DataConfig(train_per_class=20, val_per_class=50, split_seed=0))
+    assert again["train"].sample_ids == train.sample_ids and again["val"].sample_ids == val.sample_ids
+    other = build_splits(DataConfig(train_per_class=20, val_per_class=50, split_seed=1))
+    assert other["train"].sample_ids != train.sample_ids
+    # The sample id points at the same image in the full split.
+    index = int(train.sample_ids[3].split("/")[1])
+    from makd.data.fashion_mnist import load_fashion_mnist
+
+    full = load_fashion_mnist("train")
+    assert np.array_equal(full.array[index], train.array[3]) and full.targets[index] == train.targets[3]
+
+
+def test_missing_fashion_mnist_names_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(MakdError, match=f"not found in {tmp_path}"):
+        build_splits(DataConfig(root=str(tmp_path)))
+
+
+def test_truncated_idx_file(tmp_path):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    with pytest.raises(MakdError, match="truncated"):
+        read_idx(path)
+
+
+def test_imagefolder_ids_classes_and_val_carved_from_train(tiny_imagefolder):
+    splits = build_splits(DataConfig(dataset="imagefolder", root=str(tiny_imagefolder), train_per_class=4,
+                                     val_per_class=2, image_size=32))
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert train.class_names == ["Sandal", "T-shirt_top", "Trouser"]
+    assert len(train) == 12 and len(val) == 6 and len(test) == 9
+    assert all(s.startswith("train/") and s.endswith(".png") for s in train.sample_ids)
+    assert not set(train.sample_ids) & set(val.sample_ids)
+    spec = input_spec(train, 32)
+    x, y, row = SplitDataset(train, build_transform(spec, train=True), spec)[0]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and row == 0
+
+
+def test_corrupt_image_is_named(tmp_path, tiny_imagefolder):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_imagefolder, root)
+    bad = sorted((root / "train" / "Trouser").iterdir())[0]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    split = load_imagefolder(root, "train")
+    with pytest.raises(MakdError, match=f"cannot read image {bad}"):
+        split.images(range(len(split)))
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(MakdError, match="data.root: folder not found"):
+        build_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "a" / "x.png")
+    with pytest.raises(MakdError, match="has no test/ folder"):
+        build_splits(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
+def test_native_and_resized_transforms():
+    splits = build_splits(DataConfig(train_per_class=2, val_per_class=1, test_per_class=1))
+    spec = input_spec(splits["train"], None)
+    assert (spec.in_chans, spec.height, spec.width, spec.resized) == (1, 28, 28, False)
+    x, _, _ = SplitDataset(splits["test"], build_transform(spec, train=False), spec)[0]
+    expected = torch.from_numpy(splits["test"].array[0]).float() / 255
+    assert torch.allclose(x[0], expected)

@@ -1,0 +1,100 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import PixelTeacher, make_question_set
+from makd.errors import MakdError
+from makd.labels import LabelStore, label_split
+from makd.labels.store import META_FILE
+
+
+@pytest.fixture()
+def split(fmnist_test):
+    return fmnist_test.subset(np.arange(10), "part")
+
+
+@pytest.fixture()
+def questions(split):
+    return make_question_set(split.class_names, n=5)
+
+
+def direct_scores(split, questions):
+    return PixelTeacher().score(split.images(range(len(split))), questions)
+
+
+def test_store_roundtrip_matches_direct_scoring(tmp_path, split, questions):
+    store = label_split(split, PixelTeacher(batch_size=3), questions, tmp_path / "s", shard_size=4, progress=False)
+    ids, logodds, mass = store.read()
+    expected = direct_scores(split, questions)
+    assert ids == split.sample_ids
+    np.testing.assert_array_equal(logodds, expected.logodds)
+    np.testing.assert_array_equal(mass, expected.mass)
+    assert logodds.dtype == np.float32 and logodds.shape == (10, 5)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "labels.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    meta = store.meta
+    assert meta["question_set_hash"] == questions.hash and meta["num_samples"] == 10 and meta["shard_size"] == 4
+    assert meta["teacher"]["name"] == "pixel" and "torch" in meta["software"]
+    # Plain Parquet: other tools read it without makd.
+    frame = pd.read_parquet(tmp_path / "s" / "shard-00001.parquet")
+    assert list(frame.columns) == ["sample_id", "logodds", "mass"] and list(frame.sample_id) == split.sample_ids[4:8]
+
+
+def test_resume_after_crash_recomputes_only_missing_shards(tmp_path, split, questions):
+    out = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        label_split(split, PixelTeacher(batch_size=4, fail_after_calls=2), questions, out, shard_size=4, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "shard-00000.parquet", "shard-00001.parquet"]
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    teacher = PixelTeacher(batch_size=4)
+    store = label_split(split, teacher, questions, out, shard_size=4, progress=False)
+    assert teacher.calls == 1  # only the last shard
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-0000[01].parquet")} == finished
+    reference = label_split(split, PixelTeacher(), questions, tmp_path / "ref", shard_size=4, progress=False)
+    for a, b in zip(store.read(), reference.read()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_refuses_a_different_question_set(tmp_path, split, questions):
+    label_split(split, PixelTeacher(), questions, tmp_path / "s", shard_size=4, progress=False)
+    other = make_question_set(split.class_names, n=6)
+    with pytest.raises(MakdError, match="different question_set_hash"):
+        label_split(split, PixelTeacher(), other, tmp_path / "s", shard_size=4, progress=False)
+    store = label_split(split, PixelTeacher(), other, tmp_path / "s", shard_size=4, progress=False, overwrite=True)
+    assert store.num_questions == 6 and store.read()[1].shape == (10, 6)
+
+
+def test_sharded_workers_cover_every_sample_once(tmp_path, split, questions):
+    out = tmp_path / "s"
+    label_split(split, PixelTeacher(), questions, out, shard_size=3, rank=1, world_size=2, progress=False)
+    store = LabelStore.open(out)
+    assert store.missing_shards() == [0, 2]
+    with pytest.raises(MakdError, match="incomplete: 2 of 4 shards missing"):
+        store.read()
+    label_split(split, PixelTeacher(), questions, out, shard_size=3, rank=0, world_size=2, progress=False)
+    ids, logodds, _ = store.read()
+    assert ids == split.sample_ids
+    np.testing.assert_array_equal(logodds, direct_scores(split, questions).logodds)
+
+
+def test_join_is_by_sample_id(tmp_path, split, questions):
+    store = label_split(split, PixelTeacher(), questions, tmp_path / "s", shard_size=4, progress=False)
+    ids, logodds, _ = store.read()
+    wanted = [ids[7], ids[2], ids[9]]
+    got, _ = store.lookup(wanted)
+    np.testing.assert_array_equal(got, logodds[[7, 2, 9]])
+    with pytest.raises(MakdError, match=r"sample 'test/9999' has no row in label store"):
+        store.lookup([ids[0], "test/9999"])
+    positions, rows, _ = store.available(["test/9999", ids[3]])
+    assert positions.tolist() == [1] and np.array_equal(rows, logodds[[3]])
+
+
+def test_question_set_mismatch_and_not_a_store(tmp_path, split, questions):
+    store = label_split(split, PixelTeacher(), questions, tmp_path / "s", shard_size=4, progress=False)
+    with pytest.raises(MakdError, match="was made for question set"):
+        store.check_questions(make_question_set(split.class_names, n=2), "q.json")
+    with pytest.raises(MakdError, match="is not a label store"):
+        LabelStore.open(tmp_path)
+    (tmp_path / "s" / META_FILE).write_text("{")
+    with pytest.raises(MakdError, match="not valid JSON"):
+        LabelStore.open(tmp_path / "s")
