@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # makd's own messages at INFO; other libraries only when something is wrong (or with --verbose).
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("makd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except MakdError as exc:

@@ -6,7 +6,6 @@ paired; the permuted-target control tells whether a gain needs image-specific as
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from importlib import resources
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from makd.atomic import read_json, write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
 from makd.data import build_splits
+from makd.data.transforms import InputSpec
 from makd.engine import train
 from makd.engine.checkpoint import load_student
 from makd.evaluate import aspect_agreement, predict
@@ -125,8 +125,6 @@ def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     rng = np.random.default_rng(0)
     picks = [int(rng.choice(np.flatnonzero(test.targets == c))) for c in range(min(count, test.num_classes))]
     subset = test.subset(picks)
-    from makd.data.transforms import InputSpec
-
     preds = predict(model, subset, InputSpec(**meta["input"]))
     captions = []
     for entry, target in zip(explain(preds.class_logits, preds.aspect_logits, meta, top_aspects=3), subset.targets):
@@ -189,7 +187,7 @@ def render_report(config: Config, store: LabelStore, quality: dict[str, Any], ro
         "training set, the full 10,000-image test set",
         f"- questions: {len(store.meta['questions'])} hand-written yes/no questions (`questions.json`, hash "
         f"{store.meta['question_set_hash']})",
-        f"- teacher: `{store.meta['teacher'].get('name', config.teacher['name'])}` — {store.meta['teacher'].get('summary', '')}",
+        f"- teacher: `{store.meta['teacher']['name']}` — {store.meta['teacher'].get('formula', '')}",
         f"- student: {config.model.name} width {config.model.width} from scratch, {config.train.epochs} epochs, "
         f"SGD lr {config.optim.lr:g}, {config.schedule.name}, batch {config.train.batch_size}; α = "
         f"{config.loss['aspect_bce'].weight:g}",

@@ -95,8 +95,10 @@ def load_image(path: Path) -> Image.Image:
             return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
     except FileNotFoundError:
         raise MakdError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MakdError(f"cannot read image {path}: {exc}") from None
+    except UnidentifiedImageError:
+        raise MakdError(f"cannot read image {path}: not an image, or a corrupt one") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MakdError(f"cannot read image {path}: {str(exc).replace(repr(str(path)), 'it')}") from None
 
 
 def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generator, exclude: np.ndarray | None = None,

@@ -76,9 +76,9 @@ class SplitDataset(Dataset):
 
 
 def channel_stats(split: ImageSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of an in-memory split in [0, 1]; ImageNet's for file datasets."""
+    """Per-channel mean/std of an in-memory split in [0, 1]; ImageNet's (or their grey average) for files."""
     if split.array is None:
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if split.channels == 3 else ((0.449,), (0.226,))
     arr = split.array.astype(np.float32) / 255.0
     axes = tuple(range(arr.ndim)) if arr.ndim == 3 else tuple(range(arr.ndim - 1))
     mean, std = np.atleast_1d(arr.mean(axis=axes)), np.atleast_1d(arr.std(axis=axes))

@@ -174,6 +174,9 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
     store = LabelStore.open(out)
     todo = [i for i in store.missing_shards() if i % world_size == rank]
     total = sum(min(shard_size, len(split) - i * shard_size) for i in todo)
+    for index in todo:  # leftovers of a killed writer of this worker's shards
+        for stale in out.glob(f".{shard_name(index)}.*.tmp"):
+            stale.unlink()
     with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
         for index in todo:
             rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))

@@ -1,0 +1,186 @@
+"""End-to-end: the real CLI in subprocesses on tiny real-format data, checking artifacts' contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from makd.config import resolve_path
+from makd.labels import LabelStore
+from makd.questions import QuestionSet
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["Sandal", "T-shirt_top", "Trouser"]
+QUESTIONS = ["Is the item worn on the feet?", "Does the item have sleeves?", "Does the item have two separate legs?",
+             "Does the item have a sole?", "Is the item worn on the upper body?"]
+
+
+def makd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "makd", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"makd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_imagefolder):
+    """A user's project: an ImageFolder dataset, a question file, a config."""
+    root = tmp_path_factory.mktemp("project")
+    QuestionSet.model_validate({"name": "tiny", "classes": CLASSES, "generation": {"source": "test"},
+                                "questions": [{"id": f"q{i}", "text": t} for i, t in enumerate(QUESTIONS)]}
+                               ).save(root / "questions.json")
+    config = {
+        "name": "tiny", "out": "runs/tiny", "questions": "questions.json",
+        "data": {"dataset": "imagefolder", "root": str(tiny_imagefolder), "train_per_class": 4, "val_per_class": 2,
+                 "image_size": 32},
+        "teacher": {"name": "bridge", "batch_size": 8},
+        "labels": {"path": "labels", "splits": ["train", "test"], "shard_size": 5},
+        "model": {"name": "resnet8", "width": 8},
+        "train": {"epochs": 1, "batch_size": 4, "progress": False, "tensorboard": False},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_label_train_evaluate_predict(project, tiny_imagefolder):
+    makd("label", "-c", "config.yaml", cwd=project)
+    store = LabelStore.open(project / "labels")
+    ids, logodds, mass = store.read()
+    assert len(ids) == 12 + 9 and store.num_shards == 5 and len(set(ids)) == len(ids)
+    assert all(i.startswith(("train/", "test/")) for i in ids)
+    assert logodds.shape == (21, 5) and np.isfinite(logodds).all() and np.allclose(mass, 1.0)
+    assert store.meta["question_set_hash"] == QuestionSet.load(project / "questions.json").hash
+    assert store.meta["teacher"]["name"] == "bridge"
+    # The bridge says sandals are worn on the feet more than T-shirts are.
+    feet = logodds[:, 0]
+    assert feet[[i for i, s in enumerate(ids) if "/Sandal/" in s]].mean() > feet[[i for i, s in enumerate(ids) if "/T-shirt_top/" in s]].mean()
+
+    makd("train", "-c", "config.yaml", "train.seed=1", cwd=project)
+    run = project / "runs" / "tiny"
+    results = json.loads((run / "results.json").read_text())
+    assert results["seed"] == 1 and results["best_epoch"] == 1 and 0 <= results["test_top1_best"] <= 100
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert len(metrics) == 1 and metrics.loc[0, "loss_aspect_bce"] > 0 and "val_top1" in metrics
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 1
+    assert results["aspect_agreement_best"]["num_images"] == 9
+
+    report = json.loads(makd("evaluate", "-m", str(run / "best.safetensors"), "--json", cwd=project).stdout)
+    assert report["num_images"] == 9 and report["top1"] == pytest.approx(results["test_top1_best"])
+    assert report["aspect_images"] == 9 and set(report["aspect_correlation"]) == set(QUESTIONS)
+
+    images = sorted(str(p) for p in (tiny_imagefolder / "test" / "Trouser").iterdir())[:2]
+    out = json.loads(makd("predict", "-m", str(run / "best.safetensors"), *images, "-k", "3", "--json", cwd=project).stdout)
+    assert [r["image"] for r in out] == images
+    assert all(r["class"] in CLASSES and 0 < r["probability"] <= 1 and len(r["aspects"]) == 3 for r in out)
+    text = makd("predict", "-m", str(run / "best.safetensors"), images[0], cwd=project).stdout
+    assert text.startswith(images[0]) and any(q in text for q in QUESTIONS)
+
+
+def test_predict_on_real_photos(project, tmp_path):
+    """The natural photos shipped in the foolbox wheel go through any student (RGB, 512 px -> its input)."""
+    import importlib.util
+
+    data = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
+    photos = sorted(str(p) for p in data.glob("imagenet_0*.jpg"))[:3]
+    run = project / "runs" / "tiny"
+    if not (run / "best.safetensors").exists():
+        pytest.skip("needs the trained run of test_label_train_evaluate_predict")
+    out = json.loads(makd("predict", "-m", str(run / "best.safetensors"), *photos, "--json", cwd=project).stdout)
+    assert len(out) == 3 and all(r["class"] in CLASSES for r in out)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("makd: error: "), proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(project, tmp_path, tiny_imagefolder):
+    err = one_line_error(makd("train", "-c", "config.yaml", "data.root=/nonexistent/data", cwd=project, check=False))
+    assert "/nonexistent/data" in err
+    err = one_line_error(makd("train", "-c", "config.yaml", "model.name=resnet9000", cwd=project, check=False))
+    assert "model.name: unknown model 'resnet9000'" in err
+    err = one_line_error(makd("train", "-c", "config.yaml", "train.batch_size=-3", cwd=project, check=False))
+    assert "train.batch_size" in err
+    err = one_line_error(makd("label", "-c", "config.yaml", "teacher.image_size=banana", cwd=project, check=False))
+    assert "teacher" in err and "image_size" in err
+    err = one_line_error(makd("train", "-c", "missing.yaml", cwd=project, check=False))
+    assert "missing.yaml" in err
+    # A question set that is not the one the labels were made with.
+    other = QuestionSet.load(project / "questions.json").model_dump()
+    other["questions"][0]["text"] = "Is the item red?"
+    QuestionSet.model_validate(other).save(tmp_path / "other.json")
+    err = one_line_error(makd("train", "-c", "config.yaml", f"questions={tmp_path / 'other.json'}", cwd=project, check=False))
+    assert "was made for question set" in err
+    # Training samples the label store does not cover.
+    # Training samples the label store does not cover (another seeded choice of 4 of the 6 images per class).
+    err = one_line_error(makd("train", "-c", "config.yaml", "data.split_seed=3", cwd=project, check=False))
+    assert "has no row in label store" in err and "'train/" in err
+    err = one_line_error(makd("predict", "-m", str(tmp_path / "none.safetensors"), "x.png", cwd=project, check=False))
+    assert "model file not found" in err
+
+
+def test_corrupt_image_while_labelling(project, tmp_path, tiny_imagefolder):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    bad = sorted((root / "test" / "Trouser").iterdir())[0]
+    bad.write_bytes(b"not an image at all")
+    proc = makd("label", "-c", "config.yaml", f"data.root={root}", f"labels.path={tmp_path / 'labels'}",
+                "labels.splits=[test]", cwd=project, check=False)
+    assert f"cannot read image {bad}" in one_line_error(proc)
+    assert not list((tmp_path / "labels").glob(".*.tmp"))
+
+
+def test_label_resumes_after_sigkill(project, tmp_path):
+    out = tmp_path / "labels"
+    args = [sys.executable, "-m", "makd", "label", "-c", "config.yaml", f"labels.path={out}", "labels.shard_size=3",
+            "teacher.batch_size=1"]
+    proc = subprocess.Popen(args, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "shard-00001.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert 2 <= len(done_before) < 7, "the kill should land between the first and the last shard"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    makd("label", "-c", "config.yaml", f"labels.path={out}", "labels.shard_size=3", "teacher.batch_size=1", cwd=project)
+    assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes  # finished shards were not recomputed
+    assert not list(out.glob(".*.tmp"))
+    makd("label", "-c", "config.yaml", f"labels.path={tmp_path / 'ref'}", "labels.shard_size=3", cwd=project)
+    resumed, reference = LabelStore.open(out).read(), LabelStore.open(tmp_path / "ref").read()
+    assert resumed[0] == reference[0]
+    np.testing.assert_allclose(resumed[1], reference[1], atol=1e-5)
+
+
+def test_questions_show_and_import(tmp_path):
+    out = makd("questions", "show", "makd:fashion_mnist/questions.json", cwd=tmp_path).stdout
+    assert "40 questions, 10 classes, hash sha256:" in out and "Is the item worn on the feet?" in out
+    (tmp_path / "q.txt").write_text("Does the object have wheels?\nIs the object a living animal?\n")
+    makd("questions", "import", "q.txt", "--classes", "car, cat", "-o", "q.json", cwd=tmp_path)
+    qs = QuestionSet.load(tmp_path / "q.json")
+    assert qs.classes == ("car", "cat") and len(qs) == 2
+
+
+def test_help_explains_every_stage(tmp_path):
+    out = makd("--help", cwd=tmp_path).stdout
+    for command in ("questions", "label", "train", "evaluate", "predict", "demo"):
+        assert command in out
+    assert "key=value" in makd("train", "--help", cwd=tmp_path).stdout
+    config = yaml.safe_load(makd("demo", "--print-config", cwd=tmp_path).stdout)
+    assert config["questions"] == "makd:fashion_mnist/questions.json" and resolve_path(config["questions"]).is_file()
