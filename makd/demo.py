@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from makd.atomic import read_json, write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
@@ -63,7 +64,7 @@ def run_all(config: Config, out: Path, seeds: int, progress: bool) -> dict[str, 
     """Train every (seed, method), seed-major so an interrupted demo has balanced partial results."""
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     jobs = [(seed, method) for seed in range(seeds) for method in METHODS]
-    with tqdm(jobs, desc="training", unit="run", disable=not progress) as bar:
+    with logging_redirect_tqdm(), tqdm(jobs, desc="training", unit="run", disable=not progress) as bar:
         for seed, method in bar:
             cfg = run_config(config, out, method, seed)
             done = Path(cfg.out) / "results.json"
@@ -129,7 +130,7 @@ def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     captions = []
     for entry, target in zip(explain(preds.class_logits, preds.aspect_logits, meta, top_aspects=3), subset.targets):
         lines = [f"true: {test.class_names[target]}", f"pred: {entry['class']} ({100 * entry['probability']:.0f}%)"]
-        lines += [f"{'Y' if a['p_yes'] >= 0.5 else 'N'} {a['p_yes']:.2f} {a['question'][:34]}" for a in entry.get("aspects", [])]
+        lines += [f"{'Y' if a['p_yes'] >= 0.5 else 'N'} {a['p_yes']:.2f} {a['question'][:40]}" for a in entry.get("aspects", [])]
         captions.append("\n".join(lines))
     plots.prediction_gallery([np.asarray(subset.image(i)) for i in range(len(subset))], captions, path)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from makd.data.base import load_image
-from makd.data.transforms import InputSpec, build_transform, to_model_mode
+from makd.data.transforms import InputSpec, build_transform, image_tensor, to_model_mode
 from makd.engine.checkpoint import load_student
 from makd.evaluate import sigmoid
 
@@ -40,7 +40,7 @@ def predict_files(model_path: str | Path, images: Sequence[str | Path], top_aspe
     model, meta = load_student(model_path)
     spec = InputSpec(**meta["input"])
     transform = build_transform(spec, train=False)
-    batch = torch.stack([transform(to_model_mode(load_image(Path(p)), spec)) for p in images])
+    batch = torch.stack([transform(image_tensor(to_model_mode(load_image(Path(p)), spec))) for p in images])
     out = model(batch)
     aspects = out.aspect_logits.numpy() if out.aspect_logits is not None else None
     results = explain(out.class_logits.numpy(), aspects, meta, top_aspects)

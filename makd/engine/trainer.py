@@ -307,7 +307,8 @@ class Trainer:
                                    "best_epoch": self.state.best_epoch, "val_top1_best": self.state.best_val_top1,
                                    "val_top1_last": self.state.history[-1].get("val_top1")}
         teacher_rows = self._teacher_rows_for(test)
-        for which in ("best", "last"):
+        # When the last epoch is also the best one, the two files hold the same weights: evaluate once.
+        for which in ("best",) if self.state.best_epoch == self.state.epoch else ("best", "last"):
             model, _ = load_student(self.run / f"{which}.safetensors")
             model = model.to(self.device).to(memory_format=self.memory_format)
             preds = predict(model, test, self.spec, self.config.train.eval_batch_size, self.device,
@@ -321,6 +322,8 @@ class Trainer:
                                                         "per_question_correlation": agreement.correlation.tolist()}
             if which == "best":
                 np.save(self.run / "test_class_logits_best.npy", preds.class_logits)
+        for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
+            results.setdefault(key.removesuffix("_best") + "_last", results[key])
         write_json(self.run / "results.json", results)
         write_run_report(self.run, self.config, results, self.state.history)
         log.info("%s: test top-1 %.2f (best-on-val epoch %d), %.2f (last)", self.config.name,

@@ -71,10 +71,10 @@ def per_question_bars(values: dict[str, np.ndarray], labels: list[str], path: Pa
 def prediction_gallery(images: list[np.ndarray], captions: list[str], path: Path, cols: int = 4) -> None:
     """Images with multi-line captions (predicted class, top aspects)."""
     rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.1 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, caption in zip(axes.ravel(), images, captions):
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        ax.set_title(caption, fontsize=7, loc="left")
+        ax.text(0.0, -0.03, caption, transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
     _save(fig, path)

@@ -1,0 +1,58 @@
+"""`makd demo` end to end on a shrunken setting: every artifact exists and agrees with the runs behind it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from makd.labels import LabelStore
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--seeds", "2", "--no-progress", "train.epochs=2", "train.eval_every=1", "data.train_per_class=5",
+         "data.val_per_class=5", "data.test_per_class=30", "labels.max_per_class.test=6"]
+
+
+def run_demo(out, *extra):
+    return subprocess.run([sys.executable, "-m", "makd", "demo", "--out", str(out), *SMALL, *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| CE + aspects (MaKD) |" in proc.stdout and "report:" in proc.stdout
+
+    store = LabelStore.open(out / "labels")
+    assert store.meta["num_samples"] == 50 + 60 and not store.missing_shards()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"CE", "CE + aspects (MaKD)", "CE + permuted aspects"}
+    for method, slug in (("CE", "ce"), ("CE + aspects (MaKD)", "makd"), ("CE + permuted aspects", "permuted")):
+        per_seed = [json.loads((out / "runs" / f"{slug}-s{s}" / "results.json").read_text())["test_top1_best"] for s in (0, 1)]
+        assert summary["methods"][method]["per_seed_best"] == per_seed
+    diff = summary["methods"]["CE + aspects (MaKD)"]["paired_difference"]
+    ce, makd = summary["methods"]["CE"]["per_seed_best"], summary["methods"]["CE + aspects (MaKD)"]["per_seed_best"]
+    assert diff["mean"] == pytest.approx(sum(m - c for m, c in zip(makd, ce)) / 2)
+    assert diff["low"] <= diff["mean"] <= diff["high"]
+    # The permuted control really trained on other images' targets, and the CE run had no aspect head.
+    assert "permute: images" in (out / "runs" / "permuted-s0" / "config.yaml").read_text()
+    assert "aspect_agreement_best" not in json.loads((out / "runs" / "ce-s0" / "results.json").read_text())
+
+    report = (out / "report.md").read_text()
+    assert "| CE + permuted aspects |" in report and "hand-written" in report
+    for png in ("accuracy.png", "aspect_agreement.png", "teacher_quality.png", "predictions.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG" and img.size[0] > 300
+    quality = json.loads((out / "teacher_quality.json").read_text())
+    assert len(quality["per_question"]) == 40 and -1 <= quality["mean_correlation"] <= 1
+
+    # Re-running resumes: nothing is retrained, the summary is the same.
+    mtime = (out / "runs" / "makd-s1" / "best.safetensors").stat().st_mtime_ns
+    again = run_demo(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "runs" / "makd-s1" / "best.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((out / "summary.json").read_text())["methods"] == summary["methods"]
