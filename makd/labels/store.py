@@ -1,4 +1,7 @@
-"""A folder of Parquet shards (`sample_id`, `logodds[Q]`, `mass[Q]`) plus `labels.json` metadata.
+"""A folder of Parquet shards (`sample_id`, `logodds[Q]`, `mass[Q]`, optionally `flags[Q]`) plus `labels.json`.
+
+`flags` (uint8 per pair) is written only by teachers that return them (the openai teacher marks targets
+bounded by the top-k); stores without the column read exactly as before.
 
 Shard i always holds samples [i * shard_size, (i + 1) * shard_size) of the recorded sample order, and is
 written under a temporary name then renamed, so a killed job resumes at the first missing shard, and
@@ -25,7 +28,7 @@ from makd.atomic import atomic_path, read_json, write_json
 from makd.data.base import ImageSplit
 from makd.errors import MakdError
 from makd.questions import QuestionSet
-from makd.teachers.base import Teacher
+from makd.teachers.base import AspectScores, Teacher, teacher_inputs
 
 META_FILE = "labels.json"
 FORMAT = "makd.labels/1"
@@ -48,13 +51,59 @@ def software_versions() -> dict[str, str]:
             "pyarrow": pa.__version__, "numpy": np.__version__}
 
 
-def shard_table(sample_ids: Sequence[str], logodds: np.ndarray, mass: np.ndarray) -> pa.Table:
+def shard_table(sample_ids: Sequence[str], logodds: np.ndarray, mass: np.ndarray,
+                flags: np.ndarray | None = None) -> pa.Table:
     q = logodds.shape[1]
 
-    def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
-        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, dtype=np.float32).ravel()), q)
+    def fixed(values: np.ndarray, dtype: type = np.float32) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, dtype=dtype).ravel()), q)
 
-    return pa.table({"sample_id": pa.array(list(sample_ids), pa.string()), "logodds": fixed(logodds), "mass": fixed(mass)})
+    columns = {"sample_id": pa.array(list(sample_ids), pa.string()), "logodds": fixed(logodds), "mass": fixed(mass)}
+    if flags is not None:
+        columns["flags"] = fixed(flags, np.uint8)
+    return pa.table(columns)
+
+
+@dataclass
+class Coverage:
+    """What `LabelStore.check` found: the merge step of a sharded job."""
+
+    num_samples: int
+    num_shards: int
+    missing: list[int]
+    problems: list[str]  # unreadable shards, wrong row counts, duplicated ids, ids that differ from the sample list
+    leftovers: int  # temporary files of writers that were killed (harmless; removed when their shard is redone)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.problems
+
+    def report(self, world_size: int | None = None) -> str:
+        lines = [f"{self.num_samples} samples in {self.num_shards} shards: "
+                 f"{self.num_shards - len(self.missing)} present, {len(self.missing)} missing"]
+        if self.missing:
+            lines.append(f"missing shards: {_ranges(self.missing)}")
+            if world_size:
+                by_rank = {r: [i for i in self.missing if i % world_size == r] for r in range(world_size)}
+                lines += [f"  rank {r}/{world_size}: {_ranges(m)}" for r, m in by_rank.items() if m]
+        lines += self.problems
+        if self.leftovers:
+            lines.append(f"{self.leftovers} temporary file(s) of interrupted writers (removed when resumed)")
+        if self.complete:
+            lines.append("complete: every sample covered exactly once, in the recorded sample order")
+        return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
 
 
 @dataclass
@@ -85,28 +134,63 @@ class LabelStore:
     def missing_shards(self) -> list[int]:
         return [i for i in range(self.num_shards) if not (self.path / shard_name(i)).is_file()]
 
+    def check(self) -> Coverage:
+        """Every shard present, readable and of the right size; every sample id exactly once; the ids in the
+        order of the sample list the job was started with (its hash is in the metadata)."""
+        size, total = self.meta["shard_size"], self.meta["num_samples"]
+        missing, problems, ids = [], [], []
+        for i in range(self.num_shards):
+            path = self.path / shard_name(i)
+            if not path.is_file():
+                missing.append(i)
+                continue
+            try:
+                shard_ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+            except (OSError, pa.ArrowException) as exc:
+                problems.append(f"{path.name}: unreadable ({str(exc).splitlines()[0]}): delete it and resume")
+                continue
+            expected = min(size, total - i * size)
+            if len(shard_ids) != expected:
+                problems.append(f"{path.name}: {len(shard_ids)} rows, expected {expected}")
+            ids += shard_ids
+        seen: set[str] = set()
+        duplicated = sorted({sid for sid in ids if sid in seen or seen.add(sid)})
+        if duplicated:
+            problems.append(f"{len(duplicated)} sample id(s) appear more than once, e.g. {duplicated[0]!r}")
+        if not missing and not problems and ids_hash(ids) != self.meta["sample_ids_hash"]:
+            problems.append("the sample ids differ from the sample list the job was started with")
+        leftovers = len(list(self.path.glob(".shard-*.tmp")))
+        return Coverage(total, self.num_shards, missing, problems, leftovers)
+
     def check_questions(self, questions: QuestionSet, source: str = "the question set") -> None:
         if questions.hash != self.meta["question_set_hash"]:
             raise MakdError(
                 f"label store {self.path} was made for question set {self.meta['question_set_hash']}, "
                 f"but {source} has hash {questions.hash}: relabel, or use the question set it was made with")
 
-    def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """All rows in store order: (sample_ids, logodds [N, Q], mass [N, Q])."""
+    def _table(self, columns: list[str] | None = None) -> pa.Table:
         missing = self.missing_shards()
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
                             f"(first: {shard_name(missing[0])}); resume `makd label`")
-        table = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)])
-        q = self.num_questions
+        return pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)], columns=columns)
 
-        def matrix(name: str) -> np.ndarray:
-            return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, q)
+    def _matrix(self, table: pa.Table, name: str) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, self.num_questions)
 
+    def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """All rows in store order: (sample_ids, logodds [N, Q], mass [N, Q])."""
+        table = self._table(["sample_id", "logodds", "mass"])
         ids = table.column("sample_id").to_pylist()
         if len(ids) != self.meta["num_samples"]:
             raise MakdError(f"label store {self.path}: {len(ids)} rows, metadata says {self.meta['num_samples']}")
-        return ids, matrix("logodds"), matrix("mass")
+        return ids, self._matrix(table, "logodds"), self._matrix(table, "mass")
+
+    def read_flags(self) -> np.ndarray | None:
+        """[N, Q] uint8 per-pair flags in store order, or None for a teacher that writes none (see its metadata)."""
+        if "flags" not in pq.read_schema(self.path / shard_name(0)).names:
+            return None
+        return self._matrix(self._table(["flags"]), "flags")
 
     def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row of each id or -1, logodds, mass) — the join by sample id, never by position."""
@@ -177,20 +261,27 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
     for index in todo:  # leftovers of a killed writer of this worker's shards
         for stale in out.glob(f".{shard_name(index)}.*.tmp"):
             stale.unlink()
+    inputs = teacher_inputs(teacher)
     with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
         for index in todo:
             rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))
-            logodds, mass = [], []
+            parts: list[AspectScores] = []
             for start in range(rows.start, rows.stop, teacher.batch_size):
                 batch = range(start, min(start + teacher.batch_size, rows.stop))
-                scores = teacher.score(split.images(batch), questions)
+                extra: dict[str, Any] = {}
+                if "classes" in inputs:
+                    extra["classes"] = split.targets[start:batch.stop]
+                if "sample_ids" in inputs:
+                    extra["sample_ids"] = split.sample_ids[start:batch.stop]
+                scores = teacher.score(split.images(batch) if "images" in inputs else [], questions, **extra)
                 if scores.logodds.shape != (len(batch), len(questions)):
                     raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
                                        f"for {len(batch)} images x {len(questions)} questions")
-                logodds.append(scores.logodds)
-                mass.append(scores.mass)
+                parts.append(scores)
                 bar.update(len(batch))
-            table = shard_table([split.sample_ids[i] for i in rows], np.concatenate(logodds), np.concatenate(mass))
+            flags = np.concatenate([p.flags for p in parts]) if parts[0].flags is not None else None
+            table = shard_table([split.sample_ids[i] for i in rows], np.concatenate([p.logodds for p in parts]),
+                                np.concatenate([p.mass for p in parts]), flags)
             with atomic_path(out / shard_name(index)) as tmp:
                 pq.write_table(table, tmp)
     return store

@@ -2,6 +2,11 @@
 
 Every teacher (the offline bridge, Hugging Face VLMs, OpenAI-compatible servers, class-level text LLMs)
 implements this, so the label store and everything downstream never depend on which one ran.
+
+Inputs: a teacher declares what `score` needs in `inputs` (default {"images"}). A class-level teacher (the
+"text" teacher asks about class names, not pictures) declares {"classes"}: it then gets each sample's class
+index into `questions.classes` as `classes=` and an empty image list, so labelling never decodes images for it.
+{"sample_ids"} passes the samples' ids as `sample_ids=` (the importer of the official JSON looks rows up by id).
 """
 
 from __future__ import annotations
@@ -16,24 +21,41 @@ from PIL import Image
 from makd.questions import QuestionSet
 
 
+IMAGES = frozenset({"images"})
+
+
 @dataclass(frozen=True)
 class AspectScores:
-    """log-odds s = log P(yes) - log P(no), and mass m = P(yes) + P(no), each [images, questions] float32."""
+    """log-odds s = log P(yes) - log P(no), and mass m = P(yes) + P(no), each [images, questions] float32.
+
+    `flags` (optional, uint8, same shape) records how each target was obtained where that varies per pair,
+    e.g. the openai teacher's bits for "Yes/No missing from the top-k, bounded by the k-th logprob"; the
+    teacher's describe() says what the bits mean, and the label store keeps them in a `flags` column.
+    """
 
     logodds: np.ndarray
     mass: np.ndarray
+    flags: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logodds.shape != self.mass.shape or self.logodds.ndim != 2:
             raise ValueError(f"logodds {self.logodds.shape} and mass {self.mass.shape} must be equal 2-D shapes")
+        if self.flags is not None and self.flags.shape != self.logodds.shape:
+            raise ValueError(f"flags {self.flags.shape} must have the shape of logodds {self.logodds.shape}")
 
 
 class Teacher(Protocol):
     name: ClassVar[str]
     batch_size: int
+    inputs: ClassVar[frozenset[str]]  # optional; see the module docstring
 
     def describe(self) -> dict[str, Any]:
         """Provenance recorded in the label store: model, revision, prompt, preprocessing, token ids..."""
 
-    def score(self, images: Sequence[Image.Image], questions: QuestionSet) -> AspectScores:
+    def score(self, images: Sequence[Image.Image], questions: QuestionSet, **inputs: Any) -> AspectScores:
         """Score every question for every image (one batch; the caller chunks by `batch_size`)."""
+
+
+def teacher_inputs(teacher: Teacher) -> frozenset[str]:
+    """What `teacher.score` needs: {"images"} unless the teacher declares otherwise."""
+    return getattr(teacher, "inputs", IMAGES)

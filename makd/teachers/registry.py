@@ -11,6 +11,9 @@ from makd.teachers.base import Teacher
 # name -> "module:Class"; imported lazily so `makd --help` never loads torch models.
 TEACHERS: dict[str, str] = {
     "bridge": "makd.teachers.bridge:BridgeTeacher",
+    "hf": "makd.teachers.hf_vlm:HFVLMTeacher",
+    "openai": "makd.teachers.openai_api:OpenAITeacher",
+    "text": "makd.teachers.text:TextTeacher",
 }
 
 

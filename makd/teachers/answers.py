@@ -1,0 +1,113 @@
+"""Yes/No answer tokens and the log-odds / answer-mass arithmetic every LLM teacher shares.
+
+For (image, question): lp = log-softmax over the whole vocabulary at the first answer position;
+ly = logsumexp of lp over the Yes variants, ln = the same over the No variants;
+log-odds s = ly - ln (the paper's target is sigmoid(s)), mass m = exp(ly) + exp(ln).
+Variants ("Yes", " Yes", "yes"...) are resolved from the model's own tokenizer at run time, never hard-coded
+(the official code's fixed ids 9454/2753 are wrong for its own 8B teacher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydantic
+
+from makd.errors import MakdError
+
+DEFAULT_YES = ("Yes", "yes", " Yes", " yes")
+DEFAULT_NO = ("No", "no", " No", " no")
+DEFAULT_INSTRUCTION = "Answer with Yes or No."
+FORMULA = ("lp = log_softmax(full-vocabulary logits at the first answer position); ly = logsumexp(lp[yes ids]), "
+           "ln = logsumexp(lp[no ids]); logodds = ly - ln; mass = exp(ly) + exp(ln)")
+
+
+# Per-pair flags of teachers that see only the top-k log-probabilities (the openai teacher): the group had no
+# variant among the top k, so its log-probability is the k-th one, an upper bound for each of its tokens.
+YES_BOUNDED, NO_BOUNDED = 1, 2
+
+
+class PromptOptions(pydantic.BaseModel):
+    """The question wording and answer variants every LLM teacher takes."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    instruction: str = DEFAULT_INSTRUCTION  # appended to every question
+    system: str | None = None  # system prompt; None keeps the chat template's default
+    yes: tuple[str, ...] = pydantic.Field(DEFAULT_YES, min_length=1)
+    no: tuple[str, ...] = pydantic.Field(DEFAULT_NO, min_length=1)
+
+    def user_text(self, question: str) -> str:
+        return f"{question} {self.instruction}".strip()
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """Token ids of the Yes and No variants that are single tokens; the others are listed in `dropped`."""
+
+    yes: dict[str, int]
+    no: dict[str, int]
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def yes_ids(self) -> list[int]:
+        return sorted(set(self.yes.values()))
+
+    @property
+    def no_ids(self) -> list[int]:
+        return sorted(set(self.no.values()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"yes": self.yes, "no": self.no, "dropped_not_single_token": self.dropped}
+
+
+def resolve_answer_tokens(tokenizer: Any, yes: Sequence[str], no: Sequence[str], where: str = "teacher") -> AnswerTokens:
+    """Encode each variant without special tokens; keep those that are exactly one token."""
+    groups: dict[str, dict[str, int]] = {"yes": {}, "no": {}}
+    dropped: dict[str, list[int]] = {}
+    for group, variants in (("yes", yes), ("no", no)):
+        for variant in variants:
+            ids = list(tokenizer.encode(variant, add_special_tokens=False))
+            if len(ids) == 1:
+                groups[group][variant] = int(ids[0])
+            else:
+                dropped[variant] = [int(i) for i in ids]
+        if not groups[group]:
+            raise MakdError(f"{where}.{group}: none of the variants {list(variants)} is a single token of this model's "
+                            f"tokenizer (they encode to {[dropped[v] for v in variants]}); give variants that are")
+    overlap = set(groups["yes"].values()) & set(groups["no"].values())
+    if overlap:
+        raise MakdError(f"{where}: token ids {sorted(overlap)} are both a Yes and a No variant")
+    return AnswerTokens(yes=groups["yes"], no=groups["no"], dropped=dropped)
+
+
+def logodds_and_mass(logits: Any, answers: AnswerTokens) -> tuple[np.ndarray, np.ndarray]:
+    """[N, V] next-token logits (torch) -> (log-odds [N], mass [N]) float32, computed in float32."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ly = torch.logsumexp(lp[:, answers.yes_ids], dim=-1)
+    ln = torch.logsumexp(lp[:, answers.no_ids], dim=-1)
+    return (ly - ln).cpu().numpy().astype(np.float32), (ly.exp() + ln.exp()).cpu().numpy().astype(np.float32)
+
+
+def logodds_from_top(top: Sequence[tuple[str, float]], yes: Sequence[str], no: Sequence[str]) -> tuple[float, float, int]:
+    """(log-odds, mass, flags) from a server's top-k (token string, logprob) list at the answer position.
+
+    Every listed token whose string is a variant counts (two ids may decode to one string). A group with no
+    variant in the list gets the k-th (smallest listed) logprob, and its flag bit is set.
+    """
+    kth = min(lp for _, lp in top)
+    flags = 0
+    groups = []
+    for variants, bit in ((set(yes), YES_BOUNDED), (set(no), NO_BOUNDED)):
+        found = [lp for token, lp in top if token in variants]
+        if not found:
+            flags |= bit
+            found = [kth]
+        groups.append(float(np.logaddexp.reduce(np.asarray(found, dtype=np.float64))))
+    ly, ln = groups
+    return ly - ln, float(np.exp(ly) + np.exp(ln)), flags
