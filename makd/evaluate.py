@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,12 +63,40 @@ def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (a * b).sum(axis=0) / denom, np.nan)
 
 
+def expected_calibration_error(class_logits: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): |accuracy - confidence| of the top class, averaged over equal-width confidence bins
+    weighted by their share of samples; in percent, like the accuracies."""
+    z = class_logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    confidence, correct = p.max(axis=1), p.argmax(axis=1) == targets
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # bins (lo, hi]
+    ece = 0.0
+    for b in np.unique(which):
+        members = which == b
+        ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(100.0 * ece)
+
+
+def auroc_per_column(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """Area under the ROC curve of each column (Mann-Whitney, ties averaged); NaN where a column has one class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=0)
+    n_pos = positive.sum(axis=0).astype(np.float64)
+    n_neg = len(positive) - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * positive).sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
 @dataclass
 class AspectAgreement:
     """Per-question agreement of the student's aspect probabilities with the teacher's."""
 
     correlation: np.ndarray  # [Q] Pearson r
     mean_abs_error: np.ndarray  # [Q]
+    auroc: np.ndarray  # [Q] student logits ranking the teacher's yes (p > 0.5) above its no; NaN if all one answer
     summary: dict = field(default_factory=dict)
 
 
@@ -75,12 +104,33 @@ def aspect_agreement(aspect_logits: np.ndarray, teacher_logodds: np.ndarray) -> 
     student, teacher = sigmoid(aspect_logits.astype(np.float64)), sigmoid(teacher_logodds.astype(np.float64))
     corr = pearson_per_column(student, teacher)
     mae = np.abs(student - teacher).mean(axis=0)
-    return AspectAgreement(corr, mae, {"mean_correlation": float(np.nanmean(corr)), "mean_abs_error": float(mae.mean())})
+    auroc = auroc_per_column(aspect_logits.astype(np.float64), teacher_logodds > 0)
+    scored = int(np.isfinite(auroc).sum())
+    return AspectAgreement(corr, mae, auroc, {"mean_correlation": float(np.nanmean(corr)), "mean_abs_error": float(mae.mean()),
+                                              "mean_auroc": float(np.nanmean(auroc)) if scored else None,
+                                              "auroc_questions": scored})
+
+
+def nan_to_none(values: np.ndarray, digits: int = 4) -> list[float | None]:
+    """JSON-safe list: NaN (a constant question) becomes null."""
+    return [None if not np.isfinite(v) else round(float(v), digits) for v in values]
+
+
+def class_metrics(preds: Predictions) -> dict[str, float]:
+    """Top-1, top-5 and calibration of the class logits (the aspect logits never enter)."""
+    return {"top1": topk_accuracy(preds.class_logits, preds.targets, 1), "top5": topk_accuracy(preds.class_logits, preds.targets, 5),
+            "ece": expected_calibration_error(preds.class_logits, preds.targets)}
 
 
 def evaluate_file(model_path: str, split: str = "test", labels: str | None = None,
                   overrides: list[str] | None = None) -> dict:
-    """Evaluate a student file on a split of the data it was trained on (or as overridden)."""
+    """Evaluate a student file, or a run folder's best-on-validation and last students, on a split of its data."""
+    path = Path(model_path)
+    if path.is_dir():
+        files = {which: path / f"{which}.safetensors" for which in ("best", "last")}
+        if not files["best"].is_file():
+            raise MakdError(f"{path} holds no best.safetensors: not a finished makd run folder")
+        return {which: evaluate_file(str(f), split, labels, overrides) for which, f in files.items() if f.is_file()}
     from makd.config import load_config
     from makd.data import build_splits
     from makd.engine.checkpoint import load_student
@@ -93,9 +143,7 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         raise MakdError(f"{model_path} was trained on classes {meta['classes'][:3]}..., the data has {data.class_names[:3]}...")
     preds = predict(model, data, InputSpec(**meta["input"]), config.train.eval_batch_size,
                     num_workers=config.data.num_workers)
-    report = {"model": str(model_path), "split": split, "num_images": len(data),
-              "top1": topk_accuracy(preds.class_logits, preds.targets, 1),
-              "top5": topk_accuracy(preds.class_logits, preds.targets, 5)}
+    report = {"model": str(model_path), "epoch": meta.get("epoch"), "split": split, "num_images": len(data), **class_metrics(preds)}
     store_path = labels or config.labels.path
     if preds.aspect_logits is not None and store_path:
         store = LabelStore.open(store_path)
@@ -105,7 +153,8 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         positions, logodds, _ = store.available(data.sample_ids)
         if len(positions):
             agreement = aspect_agreement(preds.aspect_logits[positions], logodds)
+            texts = [q["text"] for q in meta["questions"]]
             report.update({"aspect_images": int(len(positions)), **{f"aspect_{k}": v for k, v in agreement.summary.items()},
-                           "aspect_correlation": dict(zip((q["text"] for q in meta["questions"]),
-                                                          np.round(agreement.correlation, 4).tolist()))})
+                           "aspect_correlation": dict(zip(texts, nan_to_none(agreement.correlation))),
+                           "aspect_auroc": dict(zip(texts, nan_to_none(agreement.auroc)))})
     return report

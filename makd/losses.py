@@ -25,18 +25,23 @@ class Batch:
     labels: torch.Tensor  # [B] class indices
     aspect_logodds: torch.Tensor | None = None  # [B, Q] teacher log-odds
     aspect_mass: torch.Tensor | None = None  # [B, Q] teacher answer mass
+    teacher_logits: torch.Tensor | None = None  # [B, C] class logits of the KD teacher (kd_teacher)
+    epoch: float = 0.0  # training progress in epochs, for terms with a warm-up
 
 
 LossFn = Callable[..., torch.Tensor]
 LOSS_TERMS: dict[str, LossFn] = {}
 NEEDS_ASPECTS: set[str] = set()
+NEEDS_TEACHER: set[str] = set()
 
 
-def register(name: str, needs_aspects: bool = False) -> Callable[[LossFn], LossFn]:
+def register(name: str, needs_aspects: bool = False, needs_teacher: bool = False) -> Callable[[LossFn], LossFn]:
     def decorator(fn: LossFn) -> LossFn:
         LOSS_TERMS[name] = fn
         if needs_aspects:
             NEEDS_ASPECTS.add(name)
+        if needs_teacher:
+            NEEDS_TEACHER.add(name)
         return fn
 
     return decorator
@@ -62,6 +67,61 @@ def aspect_bce(out: StudentOutput, batch: Batch, temperature: float = 1.0, mass_
     return loss / (weight.sum().clamp_min(1e-12) if weight is not None else target.numel())
 
 
+def _teacher(out: StudentOutput, batch: Batch, term: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch.teacher_logits is None:
+        raise MakdError(f"loss.{term} needs a KD teacher: set kd_teacher.checkpoint or kd_teacher.timm")
+    return out.class_logits.float(), batch.teacher_logits.float()
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample z-score of the logits (Sun et al., CVPR 2024): only their shape is distilled, not their scale."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / (1e-7 + logits.std(dim=1, keepdim=True))
+
+
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes, averaged over the batch."""
+    log_p = F.log_softmax(student / temperature, dim=1)
+    q = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="none").sum(1).mean() * temperature**2
+
+
+@register("kd", needs_teacher=True)
+def kd(out: StudentOutput, batch: Batch, temperature: float = 4.0, standardized: bool = False) -> torch.Tensor:
+    """Hinton et al. 2015: match the teacher's softened class distribution (T² keeps gradients T-independent)."""
+    student, teacher = _teacher(out, batch, "kd")
+    if standardized:
+        student, teacher = standardize(student), standardize(teacher)
+    return soft_kl(student, teacher, temperature)
+
+
+@register("lskd", needs_teacher=True)
+def lskd(out: StudentOutput, batch: Batch, temperature: float = 2.0) -> torch.Tensor:
+    """KD on standardised logits (sunshangquan/logit-standardization-KD; their CIFAR setting: T = 2, weight 9)."""
+    return kd(out, batch, temperature=temperature, standardized=True)
+
+
+@register("dkd", needs_teacher=True)
+def dkd(out: StudentOutput, batch: Batch, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+        warmup_epochs: float = 0.0, standardized: bool = False) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022, mdistiller): alpha · target-class KD + beta · non-target-class KD.
+
+    TCKD compares the binary (target, rest) probabilities; NCKD the distribution over the other classes.
+    mdistiller ramps the term up linearly over `warmup_epochs` (20 in its configs).
+    """
+    student, teacher = _teacher(out, batch, "dkd")
+    if standardized:
+        student, teacher = standardize(student), standardize(teacher)
+    gt = F.one_hot(batch.labels, student.shape[1]).bool()
+    p_s, p_t = F.softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1)
+    binary_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1)
+    binary_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], dim=1)
+    tckd = F.kl_div(torch.log(binary_s), binary_t, reduction="sum") / len(student) * temperature**2
+    mask = 1000.0 * temperature * gt  # mdistiller subtracts 1000 after dividing by T: the target class drops out
+    nckd = soft_kl(student - mask, teacher - mask, temperature)
+    ramp = min(batch.epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+    return ramp * (alpha * tckd + beta * nckd)
+
+
 class WeightedLoss:
     """sum_i w_i * term_i; returns the total and each weighted term's value for logging."""
 
@@ -83,6 +143,10 @@ class WeightedLoss:
     @property
     def needs_aspects(self) -> bool:
         return any(name in NEEDS_ASPECTS for name, *_ in self.terms)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(name in NEEDS_TEACHER for name, *_ in self.terms)
 
     def __call__(self, out: StudentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {name: weight * fn(out, batch, **options) for name, weight, fn, options in self.terms}

@@ -51,6 +51,12 @@ def make_question_set(classes: list[str], n: int = 4) -> QuestionSet:
     })
 
 
+def question_set(texts: list[str], classes: list[str] | tuple[str, ...] = ("a", "b")) -> QuestionSet:
+    """A question set with the given question texts (ids q0, q1, ...)."""
+    return QuestionSet.model_validate({"classes": list(classes),
+                                       "questions": [{"id": f"q{i}", "text": t} for i, t in enumerate(texts)]})
+
+
 @pytest.fixture(scope="session")
 def fmnist_test() -> Any:
     return load_fashion_mnist("test")

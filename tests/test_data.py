@@ -86,3 +86,21 @@ def test_native_and_resized_transforms():
     x, _, _ = SplitDataset(splits["test"], build_transform(spec, train=False), spec)[0]
     expected = torch.from_numpy(splits["test"].array[0]).float() / 255
     assert torch.allclose(x[0], expected)
+
+
+def test_transforms_follow_the_models_data_config(tiny_imagefolder):
+    from torchvision.transforms import v2
+
+    train = build_splits(DataConfig(dataset="imagefolder", root=str(tiny_imagefolder), train_per_class=4, val_per_class=2,
+                                    image_size=None))["train"]
+    timm_like = {"input_size": (3, 176, 176), "crop_pct": 0.9, "interpolation": "bicubic"}
+    spec = input_spec(train, None, timm_like)
+    assert (spec.height, spec.resized, spec.crop_pct, spec.interpolation) == (176, True, 0.9, "bicubic")
+    resize = build_transform(spec, train=False)[0]
+    assert isinstance(resize, v2.Resize) and resize.size == [round(176 / 0.9)]
+    assert resize.interpolation == v2.InterpolationMode.BICUBIC
+    crop = build_transform(spec, train=True)[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.interpolation == v2.InterpolationMode.BICUBIC
+    assert input_spec(train, 64, timm_like).height == 64  # data.image_size wins
+    with pytest.raises(MakdError, match="data.image_size: required"):
+        input_spec(train, None, {})

@@ -50,3 +50,36 @@ def test_aspect_agreement_per_question():
     assert result.correlation[1] == pytest.approx(-1.0)
     assert abs(result.correlation[2]) < 0.4
     assert result.mean_abs_error[0] == pytest.approx(0.0)
+
+
+def test_expected_calibration_error_by_hand():
+    from makd.evaluate import expected_calibration_error
+
+    # Confidences 0.9, 0.9 (one right, one wrong) and 0.6 (right): bins (0.8667, 0.9333] and (0.5333, 0.6].
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4]])
+    logits = np.log(p)
+    targets = np.array([0, 1, 0])
+    expected = 100 * (2 / 3 * abs(0.5 - 0.9) + 1 / 3 * abs(1.0 - 0.6))
+    assert expected_calibration_error(logits, targets) == pytest.approx(expected)
+    perfect = np.log(np.array([[1.0 - 1e-12, 1e-12]] * 4))
+    assert expected_calibration_error(perfect, np.zeros(4, dtype=int)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aspect_auroc_against_pairwise_definition_and_constant_questions():
+    from makd.evaluate import auroc_per_column
+
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=(30, 3)), 1)  # rounding creates ties
+    positive = rng.random((30, 3)) > 0.5
+    positive[:, 2] = True  # a question the teacher always answers yes: no AUROC
+    auc = auroc_per_column(scores, positive)
+    for j in range(2):
+        pos, neg = scores[positive[:, j], j], scores[~positive[:, j], j]
+        pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+        assert auc[j] == pytest.approx(pairs)
+    assert np.isnan(auc[2])
+    teacher = np.where(positive, 2.0, -2.0)
+    teacher[:, 2] = 3.0
+    agreement = aspect_agreement(scores, teacher)
+    assert agreement.summary["auroc_questions"] == 2
+    assert agreement.summary["mean_auroc"] == pytest.approx(auc[:2].mean())

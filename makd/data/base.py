@@ -87,6 +87,18 @@ class ImageSplit:
         return 1 if self.image(0).mode == "L" else 3
 
 
+Pools = tuple[ImageSplit, ImageSplit | None, ImageSplit | None]  # a reader's (train pool, val, test)
+
+
+def file_split(name: str, root: Path, paths: Sequence[Path], targets: Sequence[int], class_names: list[str],
+               dataset: str) -> ImageSplit:
+    """A split of image files whose sample ids are their paths relative to `root` (stable across machines)."""
+    paths = [Path(p) for p in paths]
+    ids = [(p.relative_to(root) if p.is_relative_to(root) else p).as_posix() for p in paths]
+    return ImageSplit(name=name, sample_ids=ids, targets=np.asarray(targets),
+                      class_names=list(class_names), paths=paths, info={"dataset": dataset, "root": str(root)})
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode an image fully now, so a corrupt file fails here with its name, not later in a worker."""
     try:

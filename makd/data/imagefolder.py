@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from makd.data.base import ImageSplit
+from makd.data.base import ImageSplit, file_split
 from makd.errors import MakdError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -42,11 +40,4 @@ def load_imagefolder(root: str | Path, split: str, classes: list[str] | None = N
         targets += [index[class_dir.name]] * len(files)
     if not paths:
         raise MakdError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return ImageSplit(
-        name=split,
-        sample_ids=[p.relative_to(root).as_posix() for p in paths],
-        targets=np.asarray(targets),
-        class_names=classes,
-        paths=paths,
-        info={"dataset": "imagefolder", "root": str(root)},
-    )
+    return file_split(split, root, paths, targets, classes, "imagefolder")

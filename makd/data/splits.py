@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from makd.config import DataConfig
-from makd.data.base import ImageSplit, per_class_sample
+from makd.data.base import ImageSplit, Pools, per_class_sample
 from makd.data.fashion_mnist import load_fashion_mnist
+from makd.data.finegrained import READERS
 from makd.data.imagefolder import list_classes, load_imagefolder
+from makd.data.manifest import load_manifest
 from makd.errors import MakdError
 
 
-def _pools(config: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit]:
-    """(train pool, val split if the dataset has one, test split)."""
-    if config.dataset == "fashion_mnist":
-        return load_fashion_mnist("train", config.root), None, load_fashion_mnist("test", config.root)
+def _imagefolder(config: DataConfig) -> Pools:
     if config.root is None:
         raise MakdError("data.root: required for dataset imagefolder")
     classes = list_classes(config.root)
@@ -23,6 +22,29 @@ def _pools(config: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSpli
     if test is None:
         raise MakdError(f"imagefolder root {config.root} has no test/ folder")
     return train, load_imagefolder(config.root, "val", classes), test
+
+
+def _pools(config: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit]:
+    """(train pool, val split if the dataset has one, test split — held out of the pool if the dataset has none)."""
+    if config.dataset == "fashion_mnist":
+        return load_fashion_mnist("train", config.root), None, load_fashion_mnist("test", config.root)
+    readers = {"imagefolder": _imagefolder, "manifest": load_manifest, **READERS}
+    pool, val, test = readers[config.dataset](config)
+    if test is None:
+        rng = np.random.default_rng([config.split_seed, 0x7E57])  # its own stream: the other draws stay as they were
+        held = holdout(pool.targets, config.holdout_fraction, rng)
+        pool, test = pool.subset(np.setdiff1d(np.arange(len(pool)), held), "train"), pool.subset(held, "test")
+    return pool, val, test
+
+
+def holdout(targets: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of round(fraction · n_c) random samples of every class c (at least one, never all)."""
+    chosen = []
+    for cls in np.unique(targets):
+        pool = np.flatnonzero(targets == cls)
+        k = min(max(1, round(fraction * len(pool))), len(pool) - 1)
+        chosen.append(rng.choice(pool, size=k, replace=False) if k > 0 else pool[:0])
+    return np.sort(np.concatenate(chosen))
 
 
 def _cap(split: ImageSplit, per_class: int | None, rng: np.random.Generator, exclude: np.ndarray | None = None) -> ImageSplit:
@@ -35,18 +57,18 @@ def build_splits(config: DataConfig) -> dict[str, ImageSplit]:
     """Deterministic in `config.split_seed`: the same config always yields the same sample ids."""
     pool, val, test = _pools(config)
     rng = np.random.default_rng(config.split_seed)
-    train_idx = (np.arange(len(pool)) if config.train_per_class is None
-                 else per_class_sample(pool.targets, config.train_per_class, rng))
-    train = pool.subset(train_idx, "train")
-    if val is None:
-        if config.val_per_class is None:
-            raise MakdError("data.val_per_class: required when the dataset has no validation split")
-        if config.train_per_class is None:
-            raise MakdError("data.train_per_class: the whole training pool is used for training, so there is "
-                            "nothing left to validate on; set data.train_per_class or provide a val/ split")
-        val = pool.subset(per_class_sample(pool.targets, config.val_per_class, rng, exclude=train_idx), "val")
+    if val is None and config.val_per_class is None:
+        raise MakdError("data.val_per_class: required when the dataset has no validation split")
+    if val is None and config.train_per_class is None:
+        # Full training pool: validation images come out of it first, training takes the rest.
+        val_idx = per_class_sample(pool.targets, config.val_per_class, rng)
+        train, val = _cap(pool, None, rng, exclude=val_idx), pool.subset(val_idx, "val")
     else:
-        val = _cap(val, config.val_per_class, rng)
+        train_idx = (np.arange(len(pool)) if config.train_per_class is None
+                     else per_class_sample(pool.targets, config.train_per_class, rng))
+        train = pool.subset(train_idx, "train")
+        val = (pool.subset(per_class_sample(pool.targets, config.val_per_class, rng, exclude=train_idx), "val")
+               if val is None else _cap(val, config.val_per_class, rng))
     test = _cap(test, config.test_per_class, rng)
     return {"train": train, "val": val, "test": test}
 

@@ -11,27 +11,39 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from makd.data.base import ImageSplit
+from makd.errors import MakdError
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: channels and size, and whether images are resized (else used at native size)."""
+    """What the model expects: channels and size, whether images are resized (else used at native size), and
+    how (the eval centre crop keeps `crop_pct` of the resized image, as in timm's pretrained configs)."""
 
     in_chans: int
     height: int
     width: int
     resized: bool
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def input_spec(split: ImageSplit, image_size: int | None) -> InputSpec:
+def input_spec(split: ImageSplit, image_size: int | None, model_config: dict | None = None) -> InputSpec:
+    """Size from `data.image_size`, else the model's preferred size for file datasets, else the arrays' own size.
+
+    `model_config` is the backbone's data config (timm's resolve_data_config): input size, crop, interpolation.
+    """
+    model_config = model_config or {}
+    how = {k: model_config[k] for k in ("crop_pct", "interpolation") if model_config.get(k) is not None}
+    if image_size is None and split.array is None:
+        if "input_size" not in model_config:
+            raise MakdError("data.image_size: required for file datasets with this model (it has no preferred input size)")
+        image_size = int(model_config["input_size"][-1])
     if image_size is not None:
-        return InputSpec(split.channels, image_size, image_size, True)
-    if split.array is None:
-        raise ValueError("file-based datasets need data.image_size")
-    return InputSpec(split.channels, split.array.shape[1], split.array.shape[2], False)
+        return InputSpec(split.channels, image_size, image_size, True, **how)
+    return InputSpec(split.channels, split.array.shape[1], split.array.shape[2], False, **how)
 
 
 class PadCropFlip(torch.nn.Module):
@@ -73,14 +85,15 @@ class FitSize(torch.nn.Module):
 def build_transform(spec: InputSpec, train: bool, augment: str = "auto") -> torch.nn.Sequential:
     """uint8 [C, H, W] tensor -> float [C, h, w] model input, augmented when training."""
     size = (spec.height, spec.width)
+    mode = v2.InterpolationMode(spec.interpolation)
     if augment == "auto":
         augment = "resized_crop_flip" if spec.resized else "crop_flip"
     if train and augment == "crop_flip":
         steps = [FitSize(size), PadCropFlip(max(1, round(0.125 * min(size))))]
     elif train and augment == "resized_crop_flip":
-        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
     elif spec.resized:
-        steps = [v2.Resize(round(min(size) / 0.875), antialias=True), v2.CenterCrop(size)]
+        steps = [v2.Resize(round(min(size) / spec.crop_pct), interpolation=mode, antialias=True), v2.CenterCrop(size)]
     else:
         steps = [FitSize(size)]
     return torch.nn.Sequential(*steps, ToFloat())

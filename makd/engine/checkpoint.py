@@ -2,17 +2,19 @@
 
 - `*.safetensors`: student weights + JSON metadata (config, classes, questions, input spec) — enough to
   predict or evaluate with nothing else.
-- `last.pt`: the training state (weights, optimizer, epoch/step, RNG, history), only tensors and plain
-  containers, loaded with `torch.load(weights_only=True)`.
+- `last.pt`: the training state (weights, optimizer, grad scaler, epoch/step/data position, RNG states,
+  history), only tensors and plain containers, loaded with `torch.load(weights_only=True)`.
 Both are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -39,6 +41,33 @@ def load_state(path: Path) -> dict[str, Any]:
         raise MakdError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # corrupt zip, or an object weights_only refuses to unpickle
         raise MakdError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain values (weights_only-safe)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "python" in states:
+        py = states["python"]
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    if "numpy" in states:
+        n = states["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def export_student(path: Path, model: Student, meta: dict[str, Any]) -> None:

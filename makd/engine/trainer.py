@@ -1,14 +1,17 @@
-"""The one training loop (CE, MaKD, controls): seeded, resumable at any step, validated, reported.
+"""The one training loop (CE, MaKD, KD/DKD/LSKD and their sums, controls): seeded, resumable at any step,
+validated, reported; single process or torchrun DDP, with autocast and gradient accumulation.
 
-Every random draw is a function of (seed, epoch, step): the sampler and worker seeds per epoch, the
+Every random draw is a function of (seed, epoch, step[, rank]): the sampler and worker seeds per epoch, the
 global RNG (augmentation without workers, dropout) per step. A run resumed from a mid-epoch checkpoint
 replays the epoch's batch order and continues bit-for-bit where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,21 +19,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from makd.atomic import write_json
-from makd.config import Config, save_config, to_dict, resolve_path
+from makd.atomic import read_json, write_json
+from makd.config import Config, load_config, save_config, to_dict, resolve_path
 from makd.data import build_splits, describe_splits
 from makd.data.base import ImageSplit
 from makd.data.transforms import InputSpec, SplitDataset, build_transform, channel_stats, input_spec
-from makd.engine.checkpoint import export_student, load_state, save_state
+from makd.engine import distributed
+from makd.engine.checkpoint import export_student, load_state, rng_states, save_state, set_rng_states
 from makd.engine.runlog import RunLog
 from makd.errors import MakdError
-from makd.evaluate import aspect_agreement, predict, topk_accuracy
+from makd.evaluate import aspect_agreement, class_metrics, nan_to_none, predict, topk_accuracy
 from makd.labels import LabelStore
 from makd.losses import Batch, WeightedLoss
 from makd.models import Student, build_student
+from makd.models.kd_teacher import KDTeacher, load_kd_teacher
 from makd.questions import QuestionSet
 
 log = logging.getLogger("makd.train")
@@ -102,6 +107,22 @@ def lr_at(config: Config, step: int, steps_per_epoch: int) -> float:
     return sched.min_lr + 0.5 * (base - sched.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers: torch is seeded per worker by the loader; seed NumPy and `random` from it too."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def split_batch(batch: Batch, k: int) -> list[Batch]:
+    """The targets of k micro-batches (views, same order as `tensor.tensor_split(k)`)."""
+    if k == 1:
+        return [batch]
+    fields = {name: (value.tensor_split(k) if isinstance(value, torch.Tensor) else [value] * k)
+              for name, value in batch.__dict__.items()}
+    return [Batch(**{name: parts[i] for name, parts in fields.items()}) for i in range(k)]
+
+
 def build_optimizer(config: Config, model: Student) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -113,7 +134,9 @@ def build_optimizer(config: Config, model: Student) -> torch.optim.Optimizer:
 
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
-RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers"}
+NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
+RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
+                     "train.wandb", "train.wandb_project"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -124,7 +147,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += config_changes(a, b, dotted + ".")
-        elif a != b and dotted not in RESUMABLE_CHANGES:
+        elif a != b and dotted not in RESUMABLE_CHANGES and not dotted.startswith(NOT_TRAINING):
             changed.append(dotted)
     return changed
 
@@ -146,25 +169,57 @@ class TrainState:
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
+        cfg = config.train
         self.run = Path(config.out)
-        self.device = resolve_device(config.train.device)
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+        self.dist = distributed.from_env()
+        self.device = distributed.init(self.dist, resolve_device(cfg.device))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.batch_size % (self.dist.world_size * cfg.accumulation_steps):
+            raise MakdError(f"train.batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes x "
+                            f"train.accumulation_steps {cfg.accumulation_steps}")
         self.loss = WeightedLoss(config.loss)
         self.splits = build_splits(config.data)
         train = self.splits["train"]
-        self.spec: InputSpec = input_spec(train, config.data.image_size)
         self.aspects = load_aspect_targets(config, train) if self.loss.needs_aspects else None
         questions = self.aspects.questions if self.aspects else None
-        torch.manual_seed(derive_seed(config.train.seed))  # model initialisation
-        self.model = build_student(config.model, self.spec.in_chans, train.num_classes, len(questions or []),
+        torch.manual_seed(derive_seed(cfg.seed))  # model initialisation
+        self.model = build_student(config.model, train.channels, train.num_classes, len(questions or []),
                                    *channel_stats(train)).to(self.device)
-        self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+        self.spec: InputSpec = input_spec(train, config.data.image_size, self.model.data_config)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        self.net = self._wrap_ddp(self.model)
+        self.kd_teacher = self._kd_teacher(train)
         self.optimizer = build_optimizer(config, self.model)
-        self.steps_per_epoch = math.ceil(len(train) / config.train.batch_size)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.steps_per_epoch = math.ceil(math.ceil(len(train) / self.dist.world_size) / self.local_batch)
         self.state = TrainState()
         self.dataset = SplitDataset(train, build_transform(self.spec, True, config.data.augment), self.spec)
+
+    def _wrap_ddp(self, model: Student) -> torch.nn.Module:
+        if not self.dist.enabled:
+            return model
+        if self.config.train.sync_bn:
+            if self.device.type != "cuda":
+                raise MakdError("train.sync_bn: synchronised batch norm needs GPUs (torch has no CPU kernel for it)")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _kd_teacher(self, train: ImageSplit) -> KDTeacher | None:
+        if not self.loss.needs_teacher:
+            if self.config.kd_teacher.checkpoint or self.config.kd_teacher.timm:
+                log.warning("kd_teacher is set but no loss term uses it (add loss.kd, loss.dkd or loss.lskd)")
+            return None
+        return load_kd_teacher(self.config.kd_teacher, train.class_names).to(self.device)
+
+    @property
+    def autocast(self) -> torch.autocast:
+        amp = self.config.train.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "off")
 
     # -- artifacts -------------------------------------------------------------------------------
     @property
@@ -185,55 +240,107 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": self.state.to_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, "config": to_dict(self.config)}
+        """Every process calls this (the partial epoch sums are combined); the main one writes."""
+        self.state.epoch_sums = self._global_sums(self.state.epoch_sums, partial=True)
+        if not self.dist.main:
+            return
+        lr = lr_at(self.config, max(0, self.state.global_step - 1), self.steps_per_epoch)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "schedule": {"lr": lr, "note": "lr is a pure function of global_step"},
+                 "state": self.state.to_dict(), "rng": rng_states(), "world_size": self.dist.world_size,
+                 "config": to_dict(self.config)}
         save_state(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
+        """Continue from <out>/checkpoints/last.pt if it exists (the `--resume auto` behaviour)."""
         if not self.checkpoint_path.is_file():
             return False
         ckpt = load_state(self.checkpoint_path)
-        changed = config_changes(ckpt["config"], to_dict(self.config))
+        changed = config_changes(to_dict(load_config(base=ckpt["config"])), to_dict(self.config))
         if changed:
             raise MakdError(f"{self.checkpoint_path} was written with another {changed[0]}; "
                             f"use a new `out` folder, or pass --no-resume to start over")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        if not self.dist.main:
+            self.state.epoch_sums = {}  # the saved sums are already the global ones: count them once
+        set_rng_states(ckpt["rng"])
         log.info("resumed %s at epoch %d step %d", self.run, self.state.epoch, self.state.step_in_epoch)
         return True
 
     # -- training --------------------------------------------------------------------------------
     def epoch_loader(self, epoch: int) -> DataLoader:
-        cfg = self.config.train
-        sampler = RandomSampler(self.dataset, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 1)))
-        return DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=self.config.data.num_workers,
-                          generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 2)),
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        """This process's share of the epoch: the global order is a permutation seeded by (seed, epoch);
+        process r takes every world_size-th sample, so one step's batches together form the global batch."""
+        cfg, key = self.config.train, self.dist.seed_key
+        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=derive_seed(cfg.seed, epoch, 1), drop_last=False)
+        return DataLoader(self.dataset, batch_size=self.local_batch, sampler=sampler, num_workers=self.config.data.num_workers,
+                          generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 2, *key)),
+                          worker_init_fn=seed_worker, pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, lr: float) -> tuple[dict[str, float], int]:
+        """One optimizer step on this process's share of the global batch, in `accumulation_steps` micro-batches."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        y = y.to(self.device, non_blocking=True)
-        batch = Batch(labels=y)
+        batch = self.targets(x, y.to(self.device, non_blocking=True), rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        k = min(self.config.train.accumulation_steps, len(y))
+        totals, correct = None, 0
+        for i, (xs, part) in enumerate(zip(x.tensor_split(k), split_batch(batch, k))):
+            # DDP averages gradients only on the last micro-batch; each micro-batch's loss counts by its size.
+            with self.net.no_sync() if self.dist.enabled and i < k - 1 else contextlib.nullcontext():
+                with self.autocast:
+                    out = self.net(xs)
+                    total, parts = self.loss(out, part)
+                share = len(part.labels) / len(y)
+                self.scaler.scale(total * share if k > 1 else total).backward()
+            values = torch.stack([total.detach(), *(v.detach() for v in parts.values())]).float() * share
+            totals = values if totals is None else totals + values
+            correct += int((out.class_logits.argmax(1) == part.labels).sum())
+        numbers = totals.tolist()  # one host sync for every logged value
+        if not math.isfinite(numbers[0]):
+            raise MakdError(f"loss became {numbers[0]} at step {self.state.global_step}: lower optim.lr")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return dict(zip(["loss", *(f"loss_{name}" for name in parts)], numbers)), correct
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> Batch:
+        """What the loss terms compare against: labels, the rows' aspect targets, the KD teacher's logits."""
+        batch = Batch(labels=y, epoch=self.state.global_step / self.steps_per_epoch)
         if self.aspects is not None:
             batch.aspect_logodds = self.aspects.logodds[rows].to(self.device)
             batch.aspect_mass = self.aspects.mass[rows].to(self.device)
-        out = self.model(x)
-        total, parts = self.loss(out, batch)
-        if not torch.isfinite(total):
-            raise MakdError(f"loss became {total.item()} at step {self.state.global_step}: lower optim.lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        correct = int((out.class_logits.argmax(1) == y).sum())
-        return {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in parts.items()}}, correct
+        if self.kd_teacher is not None:
+            with self.autocast:
+                batch.teacher_logits = self.kd_teacher(x).float()
+        return batch
+
+    def seed_step(self, seed: int) -> None:
+        """Seed the generators this step draws from: what torch.manual_seed does for the CPU and this process's
+        GPU, without its walk over every other backend (~0.25 ms, 1 % of a small model's step)."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def _sum_keys(self) -> list[str]:
+        return ["loss", *(f"loss_{name}" for name, *_ in self.loss.terms), "correct", "count"]
+
+    def _global_sums(self, sums: dict[str, float], partial: bool = False) -> dict[str, float]:
+        """Sums over all processes; with `partial`, only the main process keeps them (the others restart at 0)."""
+        if not self.dist.enabled:
+            return sums
+        keys = self._sum_keys()
+        total = dict(zip(keys, distributed.sum_across(self.dist, [sums.get(k, 0.0) for k in keys])))
+        return total if (self.dist.main or not partial) else {}
 
     def run_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, Any]:
         cfg = self.config.train
-        self.model.train()
+        self.net.train()
         it = iter(self.epoch_loader(epoch))
         for _ in range(self.state.step_in_epoch):  # mid-epoch resume: replay the order, skip trained batches
             next(it)
@@ -241,7 +348,7 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         lr = lr_at(self.config, max(0, self.state.global_step - 1), self.steps_per_epoch)
         for step in range(self.state.step_in_epoch, self.steps_per_epoch):
-            torch.manual_seed(derive_seed(cfg.seed, epoch, step, 3))
+            self.seed_step(derive_seed(cfg.seed, epoch, step, 3, *self.dist.seed_key))
             x, y, rows = next(it)
             lr = lr_at(self.config, self.state.global_step, self.steps_per_epoch)
             values, correct = self.train_step(x, y, rows, lr)
@@ -255,9 +362,13 @@ class Trainer:
             self.state.global_step += 1
             if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0:
                 self.save_checkpoint()
+                sums = self.state.epoch_sums
             if bar is not None:
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", refresh=False)
+                ips = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", ips=f"{ips:.0f}", refresh=False)
         elapsed = time.perf_counter() - t0
+        sums = self._global_sums(sums)
+        seen = distributed.sum_across(self.dist, [float(seen)])[0]
         count = sums.pop("count")
         row = {"epoch": epoch + 1, "step": self.state.global_step, "lr": lr,
                **{k: v / count for k, v in sums.items() if k != "correct"},
@@ -271,31 +382,46 @@ class Trainer:
         return topk_accuracy(preds.class_logits, preds.targets)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
-        cfg = self.config.train
+        cfg, main = self.config.train, self.dist.main
         self.run.mkdir(parents=True, exist_ok=True)
-        if not (resume and self.try_resume()):
+        if not (resume and self.try_resume()) and main:
             save_config(self.config, self.run / "config.yaml")
             write_json(self.run / "splits.json", describe_splits(self.splits))
-        runlog = RunLog(self.run, tensorboard=cfg.tensorboard)
-        with tqdm(total=cfg.epochs, initial=self.state.epoch, desc=self.config.name, unit="ep", disable=not cfg.progress,
+        runlog = RunLog(self.run, tensorboard=cfg.tensorboard and main, wandb=self._wandb() if main else None)
+        with tqdm(total=cfg.epochs, initial=self.state.epoch, desc=self.config.name, unit="ep", disable=not (cfg.progress and main),
                   leave=False) as bar:
             for epoch in range(self.state.epoch, cfg.epochs):
                 row = self.run_epoch(epoch, bar)
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    row["val_top1"] = self.validate()
-                    if row["val_top1"] > self.state.best_val_top1:
-                        self.state.best_val_top1, self.state.best_epoch = row["val_top1"], epoch + 1
-                        export_student(self.run / "best.safetensors", self.model, self.student_meta(epoch + 1))
-                    bar.set_postfix(val=f"{row['val_top1']:.1f}", best=f"{self.state.best_val_top1:.1f}",
-                                    ips=f"{row['images_per_s']:.0f}")
+                if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                    self._validate_into(row, epoch, bar)
                 self.state.history.append(row)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
-                runlog.log_row(row, self.state.history)
+                if main:
+                    runlog.log_row(row, self.state.history)
                 self.save_checkpoint()
                 bar.update(1)
         runlog.close()
-        export_student(self.run / "last.safetensors", self.model, self.student_meta(self.state.epoch))
-        return self.finish()
+        if main:
+            export_student(self.run / "last.safetensors", self.model, self.student_meta(self.state.epoch))
+            results = self.finish()
+        distributed.barrier(self.dist)
+        if not main:
+            results = read_json(self.run / "results.json", "results")
+        distributed.shutdown(self.dist)
+        return results
+
+    def _validate_into(self, row: dict[str, Any], epoch: int, bar: tqdm) -> None:
+        row["val_top1"] = self.validate()
+        if row["val_top1"] > self.state.best_val_top1:
+            self.state.best_val_top1, self.state.best_epoch = row["val_top1"], epoch + 1
+            export_student(self.run / "best.safetensors", self.model, self.student_meta(epoch + 1))
+        bar.set_postfix(val=f"{row['val_top1']:.1f}", best=f"{self.state.best_val_top1:.1f}", ips=f"{row['images_per_s']:.0f}")
+
+    def _wandb(self) -> dict[str, Any] | None:
+        cfg = self.config.train
+        if not cfg.wandb:
+            return None
+        return {"project": cfg.wandb_project, "name": self.config.name, "config": to_dict(self.config)}
 
     # -- final evaluation ------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
@@ -313,13 +439,13 @@ class Trainer:
             model = model.to(self.device).to(memory_format=self.memory_format)
             preds = predict(model, test, self.spec, self.config.train.eval_batch_size, self.device,
                             self.config.train.channels_last, self.config.data.num_workers)
-            results[f"test_top1_{which}"] = topk_accuracy(preds.class_logits, preds.targets, 1)
-            results[f"test_top5_{which}"] = topk_accuracy(preds.class_logits, preds.targets, 5)
+            results.update({f"test_{k}_{which}": v for k, v in class_metrics(preds).items()})
             if preds.aspect_logits is not None and teacher_rows is not None:
                 positions, logodds = teacher_rows
                 agreement = aspect_agreement(preds.aspect_logits[positions], logodds)
                 results[f"aspect_agreement_{which}"] = {**agreement.summary, "num_images": int(len(positions)),
-                                                        "per_question_correlation": agreement.correlation.tolist()}
+                                                        "per_question_correlation": agreement.correlation.tolist(),
+                                                        "per_question_auroc": nan_to_none(agreement.auroc)}
             if which == "best":
                 np.save(self.run / "test_class_logits_best.npy", preds.class_logits)
         for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:

@@ -6,13 +6,15 @@ impossible for evaluation to take top-1 over aspect logits, and lets the aspect 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from makd.config import ModelConfig
 from makd.errors import MakdError
+from makd.models import efficientnet_lite
 from makd.models.small_resnet import DEPTHS, SmallResNet
 
 
@@ -26,6 +28,7 @@ class Student(nn.Module):
                  mean: tuple[float, ...], std: tuple[float, ...], aspect_head: str = "linear",
                  drop_rate: float = 0.0) -> None:
         super().__init__()
+        self.data_config: dict[str, Any] = {}  # the backbone's preferred input (size, crop, interpolation)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.backbone = backbone
@@ -47,36 +50,70 @@ class Student(nn.Module):
 
 
 def build_backbone(config: ModelConfig, in_chans: int) -> tuple[nn.Module, int, dict]:
-    """(backbone returning pooled features, feature size, timm pretrained_cfg or {})."""
+    """(backbone returning pooled features, feature size, data config: input_size/mean/std/crop_pct/interpolation)."""
     if config.name in DEPTHS:
         if config.pretrained:
             raise MakdError(f"model.pretrained: the small ResNet {config.name} has no pretrained weights")
         net = SmallResNet(config.name, config.width, in_chans)
         return net, net.num_features, {}
+    if config.name == efficientnet_lite.NAME:
+        if isinstance(config.pretrained, str):
+            raise MakdError(f"model.pretrained: {config.name} takes true or false (its weights ship with its package)")
+        net = efficientnet_lite.EfficientNetLite0(bool(config.pretrained), in_chans)
+        return net, net.num_features, dict(efficientnet_lite.DATA_CONFIG)
+    net = create_timm_model(config.name, config.pretrained, "model", num_classes=0, in_chans=in_chans, **config.kwargs)
+    return net, net.num_features, timm_data_config(net)
+
+
+def create_timm_model(name: str, pretrained: bool | str, option: str, overlay: dict | None = None, **kwargs) -> nn.Module:
+    """Any timm model, with weights from its default hub location, an `hf-hub:` id, a URL or a local file.
+
+    With `num_classes` differing from the weights' (0 for a bare backbone), timm drops their classifier.
+    """
     import timm
 
-    if not timm.is_model(config.name):
-        raise MakdError(f"model.name: unknown model {config.name!r} (small ResNets: {', '.join(DEPTHS)}; "
-                        "or any name from timm.list_models())")
-    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
-    if isinstance(config.pretrained, str):
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": config.pretrained})
-    else:
-        kwargs["pretrained"] = config.pretrained
+    if not timm.is_model(name):
+        raise MakdError(f"{option}.name: unknown model {name!r} (small ResNets: {', '.join(DEPTHS)}; "
+                        f"{efficientnet_lite.NAME}; or any name from timm.list_models())")
+    kwargs["pretrained"] = bool(pretrained)
+    if isinstance(pretrained, str):
+        kwargs["pretrained_cfg_overlay"] = {**pretrained_source(pretrained), **(overlay or {})}
     try:
-        net = timm.create_model(config.name, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise MakdError(f"model {config.name!r}: cannot create it ({str(exc).splitlines()[0]})") from None
-    return net, net.num_features, dict(net.pretrained_cfg or {})
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise MakdError(f"{option} {name!r}: cannot create it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def pretrained_source(value: str) -> dict[str, Any]:
+    """timm's pretrained_cfg overlay for a hub id (`hf-hub:org/name`), a URL, or a local file."""
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if value.startswith(prefix):
+            return {"source": "hf-hub", "hf_hub_id": value[len(prefix):]}
+    if value.startswith(("http://", "https://", "file://")):
+        return {"url": value, "hf_hub_id": None, "file": None}
+    if not Path(value).is_file():
+        raise MakdError(f"pretrained weights file not found: {value} (or give hf-hub:org/name, or a URL)")
+    return {"file": value}
+
+
+def timm_data_config(net: nn.Module) -> dict[str, Any]:
+    """timm's resolved data config of a model (its pretrained config, or timm's defaults)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=net)
+    return {k: cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in cfg}
 
 
 def build_student(config: ModelConfig, in_chans: int, num_classes: int, num_aspects: int,
                   mean: tuple[float, ...], std: tuple[float, ...]) -> Student:
-    backbone, num_features, pretrained_cfg = build_backbone(config, in_chans)
-    if config.pretrained and pretrained_cfg.get("mean"):
-        mean, std = _match_channels(pretrained_cfg["mean"], in_chans), _match_channels(pretrained_cfg["std"], in_chans)
-    return Student(backbone, num_features, num_classes, num_aspects, tuple(mean), tuple(std),
-                   config.aspect_head, config.drop_rate)
+    """A student normalising with the weights' own mean/std when pretrained, else with the given (data) ones."""
+    backbone, num_features, data_config = build_backbone(config, in_chans)
+    if config.pretrained and data_config.get("mean"):
+        mean, std = _match_channels(data_config["mean"], in_chans), _match_channels(data_config["std"], in_chans)
+    student = Student(backbone, num_features, num_classes, num_aspects, tuple(mean), tuple(std),
+                      config.aspect_head, config.drop_rate)
+    student.data_config = data_config
+    return student
 
 
 def _match_channels(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:

@@ -21,16 +21,19 @@ def write_run_report(run: Path, config: Config, results: dict[str, Any], history
         f"- {config.train.epochs} epochs, batch {config.train.batch_size}, {config.optim.name} lr {config.optim.lr:g}, "
         f"{config.schedule.name} schedule, seed {config.train.seed}",
         "",
-        "| checkpoint | epoch | val top-1 | test top-1 | test top-5 |",
-        "|---|---|---|---|---|",
-        f"| best on validation | {results['best_epoch']} | {results['val_top1_best']:.2f} | {results['test_top1_best']:.2f} | {results['test_top5_best']:.2f} |",
-        f"| last | {config.train.epochs} | {results['val_top1_last']:.2f} | {results['test_top1_last']:.2f} | {results['test_top5_last']:.2f} |",
+        "| checkpoint | epoch | val top-1 | test top-1 | test top-5 | test ECE |",
+        "|---|---|---|---|---|---|",
+        f"| best on validation | {results['best_epoch']} | {results['val_top1_best']:.2f} | {results['test_top1_best']:.2f} | {results['test_top5_best']:.2f} | {results['test_ece_best']:.2f} |",
+        f"| last | {config.train.epochs} | {results['val_top1_last']:.2f} | {results['test_top1_last']:.2f} | {results['test_top5_last']:.2f} | {results['test_ece_last']:.2f} |",
         "",
-        "Accuracy uses the class logits only. The checkpoint is chosen on the validation split, never on test.",
+        "Accuracy and calibration (ECE, 15 bins, %) use the class logits only. The checkpoint is chosen on the "
+        "validation split, never on test.",
     ]
     agreement = results.get("aspect_agreement_best")
     if agreement:
         lines += ["", f"Aspect head vs teacher on {agreement['num_images']} labelled test images: mean per-question "
-                      f"correlation {agreement['mean_correlation']:.3f}, mean |p_student − p_teacher| {agreement['mean_abs_error']:.3f}."]
+                      f"correlation {agreement['mean_correlation']:.3f}, mean |p_student − p_teacher| {agreement['mean_abs_error']:.3f}"
+                      + (f", mean AUROC {agreement['mean_auroc']:.3f} against the teacher's yes/no over "
+                         f"{agreement['auroc_questions']} non-constant questions." if agreement.get("mean_auroc") is not None else ".")]
     lines += ["", "![training curves](curves.png)", ""]
     write_text(run / "report.md", "\n".join(lines))
