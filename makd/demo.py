@@ -13,21 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from makd.atomic import read_json, write_json, write_text
+from makd.atomic import write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
 from makd.data import build_splits
 from makd.data.transforms import InputSpec
-from makd.engine import train
 from makd.engine.checkpoint import load_student
-from makd.evaluate import aspect_agreement, predict
+from makd.evaluate import predict
 from makd.labels import LabelStore, label_from_config
 from makd.predict import explain
 from makd.questions import QuestionSet
 from makd.report import plots
-from makd.report.compare import paired_difference, summarize
+from makd.report.compare import comparison_table, train_grid
 from makd.report.teacher import teacher_quality
 
 log = logging.getLogger("makd.demo")
@@ -58,42 +55,6 @@ def run_config(config: Config, out: Path, method: str, seed: int) -> Config:
     name = f"{SLUGS[method]}-s{seed}"
     return load_config(base=to_dict(config), overrides=METHODS[method] + [
         f"train.seed={seed}", f"out={out / 'runs' / name}", f"name={name}", "train.progress=false"])
-
-
-def run_all(config: Config, out: Path, seeds: int, progress: bool) -> dict[str, list[dict[str, Any]]]:
-    """Train every (seed, method), seed-major so an interrupted demo has balanced partial results."""
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    jobs = [(seed, method) for seed in range(seeds) for method in METHODS]
-    with logging_redirect_tqdm(), tqdm(jobs, desc="training", unit="run", disable=not progress) as bar:
-        for seed, method in bar:
-            cfg = run_config(config, out, method, seed)
-            done = Path(cfg.out) / "results.json"
-            result = read_json(done, "results") if done.is_file() else train(cfg)
-            results[method].append(result)
-            bar.set_postfix_str(f"{SLUGS[method]} s{seed}: {result['test_top1_best']:.2f}")
-    return results
-
-
-def comparison_table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, Any]]:
-    """Markdown rows and the numbers behind them."""
-    base = [r["test_top1_best"] for r in results[BASELINE]]
-    rows = ["| method | test top-1, best on val (mean ± std) | test top-1, last epoch | Δ vs CE, paired [95% CI] | seeds better |",
-            "|---|---|---|---|---|"]
-    numbers: dict[str, Any] = {}
-    for method, runs in results.items():
-        best = [r["test_top1_best"] for r in runs]
-        last = [r["test_top1_last"] for r in runs]
-        entry = {"best": summarize(best).__dict__, "last": summarize(last).__dict__, "per_seed_best": best}
-        diff = "—"
-        better = "—"
-        if method != BASELINE:
-            d = paired_difference(best, base)
-            entry["paired_difference"] = {**d.__dict__, "significant": d.significant}
-            diff = f"{d}" + ("" if d.significant else " (within noise)")
-            better = f"{d.wins}/{d.n}"
-        rows.append(f"| {method} | {summarize(best)} | {summarize(last)} | {diff} | {better} |")
-        numbers[method] = entry
-    return rows, numbers
 
 
 def verdict(numbers: dict[str, Any]) -> str:
@@ -149,25 +110,26 @@ def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, prog
     timings["label_s"] = time.perf_counter() - t0
     train_split = build_splits(config.data)["train"]
     quality = teacher_quality(questions, store.lookup(train_split.sample_ids)[0], train_split.targets)
-    write_json(out / "teacher_quality.json", quality)
-    plots.per_question_bars({"teacher vs hand-written answers": np.array([q["correlation"] for q in quality["per_question"]])},
-                            questions.texts, out / "teacher_quality.png",
-                            "Does the teacher answer like a person would? (class-level)", "Pearson r over classes")
+    if quality is not None:  # only question sets with hand-written class answers can judge the teacher
+        write_json(out / "teacher_quality.json", quality)
+        plots.per_question_bars({"teacher vs hand-written answers": np.array([q["correlation"] for q in quality["per_question"]])},
+                                questions.texts, out / "teacher_quality.png",
+                                "Does the teacher answer like a person would? (class-level)", "Pearson r over classes")
 
     t1 = time.perf_counter()
-    results = run_all(config, out, seeds, progress)
+    results = train_grid(lambda method, seed: run_config(config, out, method, seed), list(METHODS), seeds, progress)
     timings["train_s"] = time.perf_counter() - t1
 
-    rows, numbers = comparison_table(results)
+    rows, numbers = comparison_table(results, BASELINE)
     plots.accuracy_by_method({m: [r["test_top1_best"] for r in runs] for m, runs in results.items()},
-                             out / "accuracy.png", f"Fashion-MNIST, 20 images/class, {seeds} seeds")
+                             out / "accuracy.png", f"Fashion-MNIST, {config.data.train_per_class} images/class, {seeds} seeds")
     agreement = agreement_by_method(results)
     if agreement:
         plots.per_question_bars(agreement, questions.texts, out / "aspect_agreement.png",
                                 "Student aspect head vs teacher on test images", "Pearson r over images (mean of seeds)")
     gallery(config, out, out / "predictions.png")
     summary = {"config": to_dict(config), "seeds": seeds, "methods": numbers, "teacher_quality": {
-        k: v for k, v in quality.items() if k != "per_question"}, "timings": timings, "verdict": verdict(numbers)}
+        k: v for k, v in (quality or {}).items() if k != "per_question"}, "timings": timings, "verdict": verdict(numbers)}
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", render_report(config, store, quality, rows, summary, agreement))
     print("\n".join(rows))
@@ -176,9 +138,26 @@ def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, prog
     return summary
 
 
-def render_report(config: Config, store: LabelStore, quality: dict[str, Any], rows: list[str], summary: dict[str, Any],
-                  agreement: dict[str, np.ndarray]) -> str:
+def teacher_section(quality: dict[str, Any] | None) -> list[str]:
+    if quality is None:
+        return ["The question set carries no hand-written class answers, so the teacher's answers cannot be checked "
+                "against a person's here (the built-in set has them)."]
     wrong = sorted((q for q in quality["per_question"] if q["correlation"] < 0), key=lambda q: q["correlation"])
+    return [
+        f"Against the hand-written per-class answers in the question set, the teacher's class-mean answers correlate "
+        f"{quality['mean_correlation']:.2f} on average over {quality['num_scored']} questions; {quality['wrong_way']} point "
+        f"the wrong way; the mean per-question spread of p(yes) over images is {quality['mean_spread']:.3f}.",
+        "",
+        "Most wrong: " + "; ".join(f"\"{q['text']}\" ({q['correlation']:.2f})" for q in wrong[:5]) if wrong
+        else "No question points the wrong way.",
+        "",
+        "![teacher vs hand-written answers](teacher_quality.png)",
+    ]
+
+
+def render_report(config: Config, store: LabelStore, quality: dict[str, Any] | None, rows: list[str],
+                  summary: dict[str, Any], agreement: dict[str, np.ndarray]) -> str:
+    source = QuestionSet.load(resolve_path(config.questions)).generation.get("source", "given")
     agreement_lines = [f"- {m}: mean per-question correlation {np.nanmean(v):.3f}" for m, v in agreement.items()]
     return "\n".join([
         "# makd demo: multi-aspect knowledge distillation on Fashion-MNIST, offline",
@@ -186,7 +165,7 @@ def render_report(config: Config, store: LabelStore, quality: dict[str, Any], ro
         f"- data: Fashion-MNIST, {config.data.train_per_class} training images per class (seeded subset, split_seed "
         f"{config.data.split_seed}), {config.data.val_per_class} validation images per class from the rest of the "
         "training set, the full 10,000-image test set",
-        f"- questions: {len(store.meta['questions'])} hand-written yes/no questions (`questions.json`, hash "
+        f"- questions: {len(store.meta['questions'])} yes/no questions ({source}; `questions.json`, hash "
         f"{store.meta['question_set_hash']})",
         f"- teacher: `{store.meta['teacher']['name']}` — {store.meta['teacher'].get('formula', '')}",
         f"- student: {config.model.name} width {config.model.width} from scratch, {config.train.epochs} epochs, "
@@ -204,13 +183,7 @@ def render_report(config: Config, store: LabelStore, quality: dict[str, Any], ro
         "",
         "## The teacher",
         "",
-        f"Against the hand-written per-class answers in the question set, the teacher's class-mean answers correlate "
-        f"{quality['mean_correlation']:.2f} on average over {quality['num_scored']} questions; {quality['wrong_way']} point "
-        f"the wrong way; the mean per-question spread of p(yes) over images is {quality['mean_spread']:.3f}.",
-        "",
-        "Most wrong: " + "; ".join(f"\"{q['text']}\" ({q['correlation']:.2f})" for q in wrong[:5]) if wrong else "No question points the wrong way.",
-        "",
-        "![teacher vs hand-written answers](teacher_quality.png)",
+        *teacher_section(quality),
         "",
         "## What the aspect head learned",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,16 +33,18 @@ class PixelTeacher:
         self.fail_after_calls = fail_after_calls
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "formula": "tanh(mean pixel * (j + 1))"}
+        return {"name": self.name, "formula": "3 tanh(mean pixel * f(question)) - 1, f from the text's CRC"}
 
     def score(self, images: Sequence[Image.Image], questions: QuestionSet) -> AspectScores:
         self.calls += 1
         if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
             raise RuntimeError("simulated crash")
         means = np.array([np.asarray(img, dtype=np.float32).mean() / 255.0 for img in images])
-        j = np.arange(len(questions)) + 1
-        logodds = np.tanh(means[:, None] * j[None, :]).astype(np.float32) * 3 - 1
-        return AspectScores(logodds, np.full_like(logodds, 0.9))
+        # Each question is answered on its own (as every real teacher does), from its text.
+        factor = np.array([zlib.crc32(t.encode()) % 97 / 10 + 0.5 for t in questions.texts])
+        logodds = np.tanh(means[:, None] * factor[None, :]).astype(np.float32) * 3 - 1
+        mass = np.broadcast_to((0.5 + factor / 20).astype(np.float32), logodds.shape).copy()
+        return AspectScores(logodds, mass)
 
 
 def make_question_set(classes: list[str], n: int = 4) -> QuestionSet:

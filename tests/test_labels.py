@@ -98,3 +98,18 @@ def test_question_set_mismatch_and_not_a_store(tmp_path, split, questions):
     (tmp_path / "s" / META_FILE).write_text("{")
     with pytest.raises(MakdError, match="not valid JSON"):
         LabelStore.open(tmp_path / "s")
+
+
+def test_subset_of_questions_equals_relabelling(tmp_path, split, questions):
+    pool = label_split(split, PixelTeacher(), questions, tmp_path / "pool", shard_size=4, progress=False)
+    chosen = questions.model_copy(update={"questions": (questions.questions[3], questions.questions[1])})
+    chosen = type(questions).model_validate(chosen.model_dump())
+    sub = pool.subset(chosen, tmp_path / "sub")
+    direct = label_split(split, PixelTeacher(), chosen, tmp_path / "direct", shard_size=4, progress=False)
+    for a, b in zip(sub.read(), direct.read()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sub.meta["question_set_hash"] == chosen.hash and sub.meta["derived_from"]["path"] == str(pool.path)
+    sub.check_questions(chosen)
+    other = make_question_set(split.class_names, n=7)
+    with pytest.raises(MakdError, match="question q5 .* is not in label store"):
+        pool.subset(other, tmp_path / "bad")

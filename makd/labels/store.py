@@ -192,6 +192,36 @@ class LabelStore:
             return None
         return self._matrix(self._table(["flags"]), "flags")
 
+    def subset(self, questions: QuestionSet, out: str | Path) -> "LabelStore":
+        """A store for some of this store's questions, without running a teacher again: teachers answer every
+        question on its own, so choosing Q of a labelled pool needs only its columns."""
+        index = {q["id"]: (j, q["text"]) for j, q in enumerate(self.meta["questions"])}
+        columns = []
+        for q in questions.questions:
+            if index.get(q.id, (None, None))[1] != q.text:
+                raise MakdError(f"question {q.id} ({q.text!r}) is not in label store {self.path}")
+            columns.append(index[q.id][0])
+        if list(questions.classes) != self.meta["classes"]:
+            raise MakdError(f"the question set's classes differ from those of label store {self.path}")
+        if self.missing_shards():
+            raise MakdError(f"label store {self.path} is incomplete: finish labelling before taking a subset")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / META_FILE, {**self.meta, "question_set_hash": questions.hash,
+                                     "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
+                                     "derived_from": {"path": str(self.path),
+                                                      "question_set_hash": self.meta["question_set_hash"]}})
+        take = np.asarray(columns)
+        for i in range(self.num_shards):
+            table = pq.read_table(self.path / shard_name(i))
+            matrices = {name: self._matrix(table, name)[:, take] for name in ("logodds", "mass", "flags")
+                        if name in table.column_names}
+            subset = shard_table(table.column("sample_id").to_pylist(), matrices["logodds"], matrices["mass"],
+                                 matrices.get("flags"))
+            with atomic_path(out / shard_name(i)) as tmp:
+                pq.write_table(subset, tmp)
+        return LabelStore.open(out)
+
     def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row of each id or -1, logodds, mass) — the join by sample id, never by position."""
         ids, logodds, mass = self.read()

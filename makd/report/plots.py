@@ -78,3 +78,20 @@ def prediction_gallery(images: list[np.ndarray], captions: list[str], path: Path
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
         ax.text(0.0, -0.03, caption, transform=ax.transAxes, fontsize=7, va="top", ha="left", family="monospace")
     _save(fig, path)
+
+
+def selection_scatter(report: Any, path: Path, title: str) -> None:
+    """Candidates by information about the class vs spread of answers: chosen (numbered), kept, filtered out."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    dropped = np.array([d is not None for d in report.dropped])
+    chosen = report.rank > 0
+    rest = ~dropped & ~chosen
+    ax.scatter(report.spread[dropped], report.information[dropped], c="lightgrey", s=18, label="filtered out (mass/spread)")
+    ax.scatter(report.spread[rest], report.information[rest], c="tab:blue", s=18, alpha=0.6, label="not chosen")
+    ax.scatter(report.spread[chosen], report.information[chosen], c="tab:red", s=30, label="chosen")
+    for j in np.flatnonzero(chosen):
+        ax.annotate(str(report.rank[j]), (report.spread[j], report.information[j]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="spread of P(yes) over images", ylabel="information about the class (bits)", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -2,7 +2,8 @@
 
 It runs as its own process on loopback (the tests start it with `start_server`), answers
 `POST /v1/chat/completions` with `logprobs`/`top_logprobs` computed by a real forward pass of the model in
-`--model` (a vision-language model, or a causal LM with `--text`), and can misbehave on purpose:
+`--model` (a vision-language model, or a causal LM with `--text`) — or, without `logprobs`, with `n` texts
+sampled by the causal LM (seeded by the request's `seed`) — and can misbehave on purpose:
 `--fail-every N` answers every N-th request with 500 / 429 (Retry-After) / 503 in turn, and `--die-after N`
 exits abruptly while handling request N + 1. Every request is appended to `--log` as a JSON line.
 
@@ -45,8 +46,8 @@ class Model:
             self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
         self.lock = threading.Lock()
 
-    def top_logprobs(self, messages: list[dict], k: int, template_kwargs: dict) -> list[tuple[int, float]]:
-        import torch
+    def inputs(self, messages: list[dict], template_kwargs: dict) -> dict:
+        """The chat rendered with the model's template and tokenised (images decoded from data URLs)."""
         from PIL import Image
 
         from makd.teachers.hf_common import adds_special_tokens, template_kwargs as used_kwargs
@@ -71,15 +72,35 @@ class Model:
         prompt = self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False, **kwargs)
         special = adds_special_tokens(self.tokenizer, prompt)
         if self.text:
-            inputs = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=special)
-        else:
-            inputs = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt",
-                                    add_special_tokens=special)
+            return self.tokenizer([prompt], return_tensors="pt", add_special_tokens=special)
+        return self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt",
+                              add_special_tokens=special)
+
+    def top_logprobs(self, messages: list[dict], k: int, template_kwargs: dict) -> list[tuple[int, float]]:
+        import torch
+
+        inputs = self.inputs(messages, template_kwargs)
         with self.lock, torch.inference_mode():
             logits = self.model(**inputs).logits[0, -1]
         lp = torch.log_softmax(logits.float(), dim=-1)
         values, ids = lp.topk(min(k, lp.numel()))
         return list(zip(ids.tolist(), values.tolist()))
+
+    def generate(self, messages: list[dict], body: dict) -> list[str]:
+        """Sampled completions, seeded by the request's `seed` (as vLLM does): n texts."""
+        import torch
+
+        inputs = self.inputs(messages, body.get("chat_template_kwargs") or {})
+        temperature = float(body.get("temperature", 1.0))
+        with self.lock, torch.inference_mode():
+            torch.manual_seed(int(body.get("seed", 0)))
+            out = self.model.generate(**inputs, do_sample=temperature > 0, temperature=temperature or None,
+                                      top_p=float(body.get("top_p", 1.0)), max_new_tokens=int(body.get("max_tokens", 16)),
+                                      num_return_sequences=int(body.get("n", 1)),
+                                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                                      else self.tokenizer.eos_token_id)
+        start = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]
 
 
 def make_handler(model: Model, args: argparse.Namespace):
@@ -132,12 +153,21 @@ def make_handler(model: Model, args: argparse.Namespace):
                 status, message = FAILURES[(n // args.fail_every) % len(FAILURES)]
             elif body.get("model") != args.served_name:
                 status, message = 404, f"model {body.get('model')!r} not found"
-            elif body.get("max_tokens") != 1 or not body.get("logprobs"):
-                status, message = 400, "this server only scores the first token: max_tokens=1, logprobs=true"
+            elif not body.get("logprobs") and not model.text:
+                status, message = 400, "this server generates text only with a causal LM (--text)"
+            elif body.get("logprobs") and body.get("max_tokens") != 1:
+                status, message = 400, "this server scores the first token only: max_tokens=1 with logprobs"
             with open(args.log, "a") as f:
                 f.write(json.dumps({**record, "status": status}) + "\n")
             if status != 200:
                 return self.reply(status, {"error": {"message": message}}, {"Retry-After": "0"} if status == 429 else None)
+            if not body.get("logprobs"):
+                texts = model.generate(body["messages"], body)
+                return self.reply(200, {
+                    "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+                    "model": args.served_name,
+                    "choices": [{"index": i, "finish_reason": "length", "message": {"role": "assistant", "content": t}}
+                                for i, t in enumerate(texts)]})
             top = model.top_logprobs(body["messages"], int(body.get("top_logprobs") or 1),
                                      body.get("chat_template_kwargs") or {})
             tokens = [{"token": model.tokenizer.decode([i]), "logprob": lp,
