@@ -1,11 +1,12 @@
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import PixelTeacher, make_question_set
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
-from makd.labels.store import META_FILE
+from makd.labels.store import META_FILE, TABLE_FILE, shard_table
 
 
 @pytest.fixture()
@@ -31,7 +32,7 @@ def test_store_roundtrip_matches_direct_scoring(tmp_path, split, questions):
     np.testing.assert_array_equal(mass, expected.mass)
     assert logodds.dtype == np.float32 and logodds.shape == (10, 5)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "labels.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+        "labels.arrow", "labels.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
     meta = store.meta
     assert meta["question_set_hash"] == questions.hash and meta["num_samples"] == 10 and meta["shard_size"] == 4
     assert meta["teacher"]["name"] == "pixel" and "torch" in meta["software"]
@@ -113,3 +114,41 @@ def test_subset_of_questions_equals_relabelling(tmp_path, split, questions):
     other = make_question_set(split.class_names, n=7)
     with pytest.raises(MakdError, match="question q5 .* is not in label store"):
         pool.subset(other, tmp_path / "bad")
+
+
+def test_reads_are_memory_mapped_views_of_the_consolidated_table(tmp_path, split, questions):
+    store = label_split(split, PixelTeacher(), questions, tmp_path / "s", shard_size=4, progress=False)
+    logodds, mass = LabelStore.open(store.path).lookup(split.sample_ids)
+    # Same order as stored: no join, no copy; nobody can write into the targets.
+    assert not logodds.flags.owndata and not logodds.flags.writeable and not mass.flags.writeable
+    np.testing.assert_array_equal(logodds, direct_scores(split, questions).logodds)
+    shuffled, _ = store.lookup(split.sample_ids[::-1])
+    assert not shuffled.flags.writeable
+    np.testing.assert_array_equal(shuffled, logodds[::-1])
+
+
+def test_consolidated_table_follows_the_shards(tmp_path, split, questions, monkeypatch):
+    out = tmp_path / "s"
+    store = label_split(split, PixelTeacher(), questions, out, shard_size=4, progress=False)
+    built = (out / TABLE_FILE).stat().st_mtime_ns
+    store.read()
+    assert (out / TABLE_FILE).stat().st_mtime_ns == built  # reused, not rebuilt
+    # A shard rewritten (e.g. redone after `labels check` found it damaged) invalidates the table.
+    expected = direct_scores(split, questions)
+    redone = shard_table(split.sample_ids[4:8], expected.logodds[4:8] + 1.0, expected.mass[4:8])
+    pq.write_table(redone, out / "shard-00001.parquet")
+    logodds = np.array(LabelStore.open(out).read()[1])  # a copy: the garbage below overwrites the mapped file
+    np.testing.assert_array_equal(logodds[:4], expected.logodds[:4])
+    np.testing.assert_array_equal(logodds[4:8], expected.logodds[4:8] + 1.0)
+    # A damaged table is rebuilt from the shards, not trusted.
+    (out / TABLE_FILE).write_bytes(b"garbage")
+    np.testing.assert_array_equal(LabelStore.open(out).read()[1], logodds)
+    # A store nobody may write to is still readable (from the shards).
+    (out / TABLE_FILE).unlink()
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("makd.labels.store.atomic_path", read_only)
+    np.testing.assert_array_equal(LabelStore.open(out).lookup(split.sample_ids)[0], logodds)
+    assert not (out / TABLE_FILE).exists()

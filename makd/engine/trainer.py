@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,15 @@ def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
                         f"the dataset has {train.class_names[:4]}...")
     logodds, mass = store.lookup(train.sample_ids)
     logodds, mass = permute_targets(logodds, mass, train.targets, config.labels.permute, config.train.seed)
-    return AspectTargets(questions, store, torch.from_numpy(logodds), torch.from_numpy(mass))
+    return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass))
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the label store's memory-mapped rows, without copying them: the targets are only ever
+    indexed (which copies the batch), so torch's warning about a read-only buffer does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def permute_targets(logodds: np.ndarray, mass: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

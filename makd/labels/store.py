@@ -6,12 +6,19 @@ bounded by the top-k); stores without the column read exactly as before.
 Shard i always holds samples [i * shard_size, (i + 1) * shard_size) of the recorded sample order, and is
 written under a temporary name then renamed, so a killed job resumes at the first missing shard, and
 workers of a sharded job (rank r of n takes shards i with i % n == r) never collide.
+
+Readers never parse the shards one by one: a complete store is consolidated once into `labels.arrow` (one
+uncompressed Arrow IPC record batch, derived from the shards and rebuilt whenever they change), which is
+memory-mapped. Loading ImageNet-scale targets is then a few milliseconds and no copy when the requested ids
+are the store's own order, and the pages are shared by every process on the machine (DDP ranks, seeds).
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -31,7 +39,9 @@ from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores, Teacher, teacher_inputs
 
 META_FILE = "labels.json"
+TABLE_FILE = "labels.arrow"  # consolidated, memory-mapped copy of the shards (derived; safe to delete)
 FORMAT = "makd.labels/1"
+log = logging.getLogger("makd.labels")
 # Metadata that must match for a resumed job to continue an existing store.
 IDENTITY_KEYS = ("format", "question_set_hash", "teacher", "num_samples", "sample_ids_hash", "shard_size")
 
@@ -131,8 +141,14 @@ class LabelStore:
     def num_shards(self) -> int:
         return -(-self.meta["num_samples"] // self.meta["shard_size"])
 
+    def _shard_files(self) -> dict[str, os.stat_result]:
+        """Present shard files by name (one directory scan, not a lookup per shard)."""
+        with os.scandir(self.path) as entries:
+            return {e.name: e.stat() for e in entries if e.name.startswith("shard-") and e.is_file()}
+
     def missing_shards(self) -> list[int]:
-        return [i for i in range(self.num_shards) if not (self.path / shard_name(i)).is_file()]
+        present = self._shard_files()
+        return [i for i in range(self.num_shards) if shard_name(i) not in present]
 
     def check(self) -> Coverage:
         """Every shard present, readable and of the right size; every sample id exactly once; the ids in the
@@ -168,29 +184,71 @@ class LabelStore:
                 f"label store {self.path} was made for question set {self.meta['question_set_hash']}, "
                 f"but {source} has hash {questions.hash}: relabel, or use the question set it was made with")
 
-    def _table(self, columns: list[str] | None = None) -> pa.Table:
+    def _require_complete(self, doing: str) -> None:
         missing = self.missing_shards()
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
-                            f"(first: {shard_name(missing[0])}); resume `makd label`")
-        return pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)], columns=columns)
+                            f"(first: {shard_name(missing[0])}); resume `makd label` before {doing}")
+
+    def _shards_key(self) -> str:
+        """Identifies the shards' current files (every write is a rename: a new inode) and the store's identity."""
+        self._require_complete("reading it")
+        files = self._shard_files()
+        parts = [str(self.meta.get(k)) for k in IDENTITY_KEYS]
+        for i in range(self.num_shards):
+            st = files[shard_name(i)]
+            parts.append(f"{i}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _mapped_table(self, key: str) -> pa.Table | None:
+        """labels.arrow, memory-mapped, if it was built from the shards as they are now."""
+        path = self.path / TABLE_FILE
+        if not path.is_file():
+            return None
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            if (reader.schema.metadata or {}).get(b"makd.shards") != key.encode() or reader.num_record_batches != 1:
+                return None
+            return pa.Table.from_batches([reader.get_batch(0)])
+        except (OSError, pa.ArrowException):
+            return None  # damaged: rebuilt from the shards
+
+    def consolidate(self) -> pa.Table:
+        """All rows in store order as one table, memory-mapped from labels.arrow (built when missing or stale).
+
+        Called when `makd label` completes a store, and by every reader; a read-only store folder still works
+        (the shards are then read into memory each time)."""
+        key = self._shards_key()
+        table = self._mapped_table(key)
+        if table is not None:
+            return table
+        shards = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)]).combine_chunks()
+        if shards.num_rows != self.meta["num_samples"]:
+            raise MakdError(f"label store {self.path}: {shards.num_rows} rows, metadata says {self.meta['num_samples']}")
+        shards = shards.replace_schema_metadata({"makd.shards": key})
+        try:
+            with atomic_path(self.path / TABLE_FILE) as tmp:
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, shards.schema) as writer:
+                    writer.write_table(shards, max_chunksize=max(1, shards.num_rows))
+        except OSError as exc:
+            log.warning("could not write %s (%s): reading the shards into memory instead",
+                        self.path / TABLE_FILE, exc)
+            return shards
+        return self._mapped_table(key) or shards
 
     def _matrix(self, table: pa.Table, name: str) -> np.ndarray:
-        return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, self.num_questions)
+        """[N, Q] view of a fixed-size-list column (zero-copy for the single-chunk consolidated table)."""
+        return _one_chunk(table.column(name)).flatten().to_numpy().reshape(-1, self.num_questions)
 
     def read(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """All rows in store order: (sample_ids, logodds [N, Q], mass [N, Q])."""
-        table = self._table(["sample_id", "logodds", "mass"])
-        ids = table.column("sample_id").to_pylist()
-        if len(ids) != self.meta["num_samples"]:
-            raise MakdError(f"label store {self.path}: {len(ids)} rows, metadata says {self.meta['num_samples']}")
-        return ids, self._matrix(table, "logodds"), self._matrix(table, "mass")
+        """All rows in store order: (sample_ids, logodds [N, Q], mass [N, Q]); the arrays are read-only."""
+        table = self.consolidate()
+        return table.column("sample_id").to_pylist(), self._matrix(table, "logodds"), self._matrix(table, "mass")
 
     def read_flags(self) -> np.ndarray | None:
         """[N, Q] uint8 per-pair flags in store order, or None for a teacher that writes none (see its metadata)."""
-        if "flags" not in pq.read_schema(self.path / shard_name(0)).names:
-            return None
-        return self._matrix(self._table(["flags"]), "flags")
+        table = self.consolidate()
+        return self._matrix(table, "flags") if "flags" in table.column_names else None
 
     def subset(self, questions: QuestionSet, out: str | Path) -> "LabelStore":
         """A store for some of this store's questions, without running a teacher again: teachers answer every
@@ -203,8 +261,7 @@ class LabelStore:
             columns.append(index[q.id][0])
         if list(questions.classes) != self.meta["classes"]:
             raise MakdError(f"the question set's classes differ from those of label store {self.path}")
-        if self.missing_shards():
-            raise MakdError(f"label store {self.path} is incomplete: finish labelling before taking a subset")
+        self._require_complete("taking a subset")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META_FILE, {**self.meta, "question_set_hash": questions.hash,
@@ -220,29 +277,56 @@ class LabelStore:
                                  matrices.get("flags"))
             with atomic_path(out / shard_name(i)) as tmp:
                 pq.write_table(subset, tmp)
-        return LabelStore.open(out)
+        store = LabelStore.open(out)
+        store.consolidate()
+        return store
 
-    def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row of each id or -1, logodds, mass) — the join by sample id, never by position."""
-        ids, logodds, mass = self.read()
-        row_of = {sid: i for i, sid in enumerate(ids)}
-        rows = np.fromiter((row_of.get(sid, -1) for sid in sample_ids), dtype=np.int64, count=len(sample_ids))
-        return rows, logodds, mass
+    def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(row of each id or -1 — None when the ids are exactly the store's order —, logodds, mass).
+
+        The join is by sample id, never by position; it runs in Arrow, and is skipped (no copy at all) after a
+        vectorised check that the requested ids are the stored ones in the same order, the common case of
+        training on the split that was labelled."""
+        table = self.consolidate()
+        stored = _one_chunk(table.column("sample_id"))
+        requested = pa.array(sample_ids, pa.string())
+        logodds, mass = self._matrix(table, "logodds"), self._matrix(table, "mass")
+        if requested.equals(stored):
+            return None, logodds, mass
+        rows = pc.index_in(requested, value_set=stored).fill_null(-1).to_numpy(zero_copy_only=False)
+        return rows.astype(np.int64, copy=False), logodds, mass
 
     def lookup(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(logodds, mass) rows for `sample_ids`, in that order; every id must have a row."""
+        """(logodds, mass) rows for `sample_ids`, in that order; every id must have a row.
+
+        The arrays are read-only (memory-mapped views when `sample_ids` is the store's order)."""
         rows, logodds, mass = self._rows(sample_ids)
+        if rows is None:
+            return logodds, mass
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             raise MakdError(f"sample {sample_ids[missing[0]]!r} has no row in label store {self.path} "
                             f"({len(missing)} of {len(sample_ids)} samples missing; label them with `makd label`)")
-        return logodds[rows], mass[rows]
+        return _read_only(logodds[rows]), _read_only(mass[rows])
 
     def available(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(positions in `sample_ids` that have a row, their logodds, their mass)."""
         rows, logodds, mass = self._rows(sample_ids)
+        if rows is None:
+            return np.arange(len(sample_ids)), logodds, mass
         positions = np.flatnonzero(rows >= 0)
-        return positions, logodds[rows[positions]], mass[rows[positions]]
+        return positions, _read_only(logodds[rows[positions]]), _read_only(mass[rows[positions]])
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array; without a copy when it already is one (combine_chunks always copies)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """One contract whichever path the join took: callers must not write into targets."""
+    array.flags.writeable = False
+    return array
 
 
 def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard_size: int) -> dict[str, Any]:
@@ -314,4 +398,6 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
                                 np.concatenate([p.mass for p in parts]), flags)
             with atomic_path(out / shard_name(index)) as tmp:
                 pq.write_table(table, tmp)
+    if not store.missing_shards():  # the last worker to finish builds the memory-mapped table for readers
+        store.consolidate()
     return store
