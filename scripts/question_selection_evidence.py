@@ -8,7 +8,7 @@ The embedded setting of `makd demo` (Fashion-MNIST, 20 training images per class
    (a different seeded draw per training seed, so its spread includes the luck of the draw);
 4. each selection's labels are columns of the pool's store (no relabelling); every method and a CE-only
    baseline train with the same 5 seeds; the table gives mean ± std test top-1 and paired differences.
-Writes docs/questions.md's results section and results/question_selection/summary.json; resumes when re-run.
+Writes docs/questions.md's results section and <out>/summary.json; resumes when re-run.
 
     .venv/bin/python scripts/question_selection_evidence.py [--seeds 5] [--out runs/question_selection]
 """
