@@ -152,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from makd.engine import train
 
     config = _load(args)
-    results = train(config, resume=not args.no_resume and args.resume == "auto")
+    results = train(config, resume=not args.no_resume)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
         print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch {results['best_epoch']}), "
           f"{results['test_top1_last']:.2f} (last epoch); report: {Path(config.out) / 'report.md'}")
@@ -281,9 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a student (CE + aspect BCE by default)",
                         description="Resumes from <out>/checkpoints/last.pt when present.", formatter_class=fmt)
     _config_args(tr)
-    tr.add_argument("--resume", choices=["auto", "never"], default="auto",
-                    help="auto (default): continue from <out>/checkpoints/last.pt if it exists; never: start over")
-    tr.add_argument("--no-resume", action="store_true", help="same as --resume never")
+    tr.add_argument("--no-resume", action="store_true",
+                    help="start over even if <out>/checkpoints/last.pt exists (by default training continues from it)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="top-1/top-5/ECE on class logits; per-aspect AUROC against the teacher")

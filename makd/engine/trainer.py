@@ -261,7 +261,7 @@ class Trainer:
         save_state(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
-        """Continue from <out>/checkpoints/last.pt if it exists (the `--resume auto` behaviour)."""
+        """Continue from <out>/checkpoints/last.pt if it exists (the default of `makd train`)."""
         if not self.checkpoint_path.is_file():
             return False
         ckpt = load_state(self.checkpoint_path)

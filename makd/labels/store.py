@@ -184,20 +184,20 @@ class LabelStore:
                 f"label store {self.path} was made for question set {self.meta['question_set_hash']}, "
                 f"but {source} has hash {questions.hash}: relabel, or use the question set it was made with")
 
-    def _require_complete(self, doing: str) -> None:
-        missing = self.missing_shards()
+    def _complete_shards(self, doing: str) -> list[os.stat_result]:
+        """The stat of every shard, in order; an error naming the first missing one when the store is incomplete."""
+        files = self._shard_files()
+        missing = [i for i in range(self.num_shards) if shard_name(i) not in files]
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
                             f"(first: {shard_name(missing[0])}); resume `makd label` before {doing}")
+        return [files[shard_name(i)] for i in range(self.num_shards)]
 
     def _shards_key(self) -> str:
         """Identifies the shards' current files (every write is a rename: a new inode) and the store's identity."""
-        self._require_complete("reading it")
-        files = self._shard_files()
         parts = [str(self.meta.get(k)) for k in IDENTITY_KEYS]
-        for i in range(self.num_shards):
-            st = files[shard_name(i)]
-            parts.append(f"{i}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        parts += [f"{i}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+                  for i, st in enumerate(self._complete_shards("reading it"))]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _mapped_table(self, key: str) -> pa.Table | None:
@@ -261,7 +261,7 @@ class LabelStore:
             columns.append(index[q.id][0])
         if list(questions.classes) != self.meta["classes"]:
             raise MakdError(f"the question set's classes differ from those of label store {self.path}")
-        self._require_complete("taking a subset")
+        self._complete_shards("taking a subset")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META_FILE, {**self.meta, "question_set_hash": questions.hash,
