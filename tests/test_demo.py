@@ -56,3 +56,24 @@ def test_demo_small(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "runs" / "makd-s1" / "best.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((out / "summary.json").read_text())["methods"] == summary["methods"]
+
+
+def test_demo_runs_on_a_selected_question_set_without_hand_written_answers(tmp_path):
+    """What `makd questions select` writes has no class answers: the demo runs on it and says it cannot judge."""
+    from makd.config import resolve_path
+    from makd.questions import QuestionSet
+
+    embedded = QuestionSet.load(resolve_path("makd:fashion_mnist/questions.json"))
+    chosen = embedded.model_dump()
+    chosen["questions"] = [{**q, "class_answers": None} for q in chosen["questions"][:6]]
+    chosen["generation"] = {"source": "selected (test)"}
+    path = tmp_path / "selected.json"
+    QuestionSet.model_validate(chosen).save(path)
+
+    out = tmp_path / "demo"
+    proc = run_demo(out, f"questions={path}", "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert LabelStore.open(out / "labels").num_questions == 6
+    assert not (out / "teacher_quality.json").exists()
+    report = (out / "report.md").read_text()
+    assert "no hand-written class answers" in report and "6 yes/no questions (selected (test)" in report

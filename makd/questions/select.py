@@ -200,7 +200,7 @@ def _select_by_teacher(config: "Config", pool: "QuestionSet", output: Path) -> t
         raise MakdError(f"the pool's classes {list(pool.classes)[:3]}... are not the dataset's {train.class_names[:3]}...")
     sample = train.subset(per_class_sample(train.targets, s.images_per_class, np.random.default_rng(s.seed), at_most=True))
     teacher = build_teacher(config.teacher)
-    store = label_split(sample, teacher, pool, output.with_name(output.stem + ".labels"),
+    store = label_split(sample, teacher, pool, output.with_name(output.stem + ".pool-labels"),
                         shard_size=config.labels.shard_size, progress=config.train.progress)
     _, logodds, mass = store.read()
     chosen, report = select_by_data(logodds, mass, sample.targets, s.num_questions, min_mass=s.min_mass,
