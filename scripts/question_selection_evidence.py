@@ -53,6 +53,17 @@ def store_for(pool_store: LabelStore, questions_path: Path) -> Path:
     return path
 
 
+def verdict(vs_ce: dict, vs_random: dict) -> str:
+    """What the tables allow one to say, from the paired confidence intervals alone."""
+    beyond = [f"{m} vs {ref} ({d['paired_difference']['mean']:+.2f})" for ref, table in (("CE", vs_ce), ("random", vs_random))
+              for m, d in table.items() if d.get("paired_difference", {}).get("significant")]
+    if beyond:
+        return "Differences whose 95 % interval excludes zero: " + "; ".join(beyond) + "."
+    return ("**No difference is beyond noise**: every paired 95 % interval contains zero, against CE and against "
+            "random selection alike. In this setting neither the way Q questions are chosen nor, at this teacher's "
+            "quality, the aspect targets themselves move test accuracy measurably with 5 seeds.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -91,8 +102,9 @@ def main() -> None:
         f"Q = {Q}; {args.seeds} seeds; ResNet-8 (width 16), Fashion-MNIST with 20 training images per class, "
         "the bridge teacher, α = 4 — the setting of `makd demo`.",
         f"The LLM selection named {llm['chosen_by_llm']} valid questions; {llm['filled_at_random']} were filled at "
-        "random (SmolLM2-135M rarely follows the selection instruction).",
+        "random.",
         "", *rows_ce, "", "Against random selection (same seeds):", "", *rows_random, "",
+        verdict(numbers, vs_random), "",
         f"Re-run: `.venv/bin/python scripts/question_selection_evidence.py --seeds {args.seeds}` "
         "(about 20 minutes on 2 CPU cores; cached LLM responses and finished runs are reused).",
     ])
