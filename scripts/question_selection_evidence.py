@@ -10,7 +10,7 @@ The embedded setting of `makd demo` (Fashion-MNIST, 20 training images per class
    baseline train with the same 5 seeds; the table gives mean ± std test top-1 and paired differences.
 Writes docs/questions.md's results section and <out>/summary.json; resumes when re-run.
 
-    .venv/bin/python scripts/question_selection_evidence.py [--seeds 5] [--out runs/question_selection]
+    .venv/bin/python scripts/question_selection_evidence.py [--seeds 5] [--out runs/question_selection] [key=value ...]
 """
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="runs/question_selection")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides of the demo's setting, e.g. teacher.name=hf teacher.model=<folder>")
     args = parser.parse_args()
     out = Path(args.out)
-    config = demo_config(out, [f"generate.num_questions={POOL_SIZE}"])
+    config = demo_config(out, [f"generate.num_questions={POOL_SIZE}", *args.overrides])
 
     pool = out / "pool.json"
     if not pool.is_file():
