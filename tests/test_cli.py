@@ -184,3 +184,13 @@ def test_help_explains_every_stage(tmp_path):
     assert "key=value" in makd("train", "--help", cwd=tmp_path).stdout
     config = yaml.safe_load(makd("demo", "--print-config", cwd=tmp_path).stdout)
     assert config["questions"] == "makd:fashion_mnist/questions.json" and resolve_path(config["questions"]).is_file()
+
+
+def test_overrides_may_come_before_or_after_options(capsys):
+    from makd.cli import parse
+
+    args = parse(["train", "-c", "x.yaml", "a.b=1", "--resume", "never", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.resume == "never" and args.config == "x.yaml"
+    with pytest.raises(SystemExit):
+        parse(["train", "--bogus", "c.d=2"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert state["epoch"] == 1 and 4 <= state["step_in_epoch"] < 20  # mid-epoch (20 steps per epoch)
     assert not (out / "last.safetensors").exists()
 
-    run(args + [f"out={out}"], tmp_path)  # resuming is the default
+    run(args + [f"out={out}"], tmp_path)  # --resume auto is the default
     a, b = load_file(tmp_path / "ref" / "last.safetensors"), load_file(out / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())

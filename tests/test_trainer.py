@@ -113,6 +113,35 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
     assert results["test_top1_best"] == json.loads((tmp_path / "ref" / "results.json").read_text())["test_top1_best"]
 
 
+def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, labelled, monkeypatch):
+    common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}",
+                     "train.checkpoint_every_steps=1", f"out={tmp_path}"]
+    config = load_config(overrides=common)
+    original, calls = Trainer.train_step, {"n": 0}
+
+    def crashing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    folder = tmp_path / "checkpoints"
+    newest, previous = folder / "last.pt", folder / "last.prev.pt"
+    assert torch.load(previous, weights_only=True)["state"]["step_in_epoch"] == 2  # one save before last.pt's 3
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+
+    trainer = Trainer(config)
+    assert trainer.try_resume() and trainer.state.step_in_epoch == 2
+
+    previous.write_bytes(b"not a checkpoint")
+    with pytest.raises(MakdError, match=r"cannot load checkpoint .*last.pt.* and cannot load checkpoint .*last.prev.pt"):
+        Trainer(config).try_resume()
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     train(load_config(overrides=TINY + [f"out={tmp_path}", "loss.aspect_bce.weight=0", "train.epochs=1"]))
     with pytest.raises(MakdError, match="another optim.lr"):

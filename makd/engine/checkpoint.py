@@ -3,13 +3,17 @@
 - `*.safetensors`: student weights + JSON metadata (config, classes, questions, input spec) — enough to
   predict or evaluate with nothing else.
 - `last.pt`: the training state (weights, optimizer, grad scaler, epoch/step/data position, RNG states,
-  history), only tensors and plain containers, loaded with `torch.load(weights_only=True)`.
+  history), only tensors and plain containers, loaded with `torch.load(weights_only=True)`. The one before it
+  is kept as `last.prev.pt`, so a damaged newest file (disk full, bit rot, a copy cut short) costs one
+  checkpoint interval, not the run.
 Both are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,38 @@ from makd.errors import MakdError
 from makd.models import Student, build_student
 
 STUDENT_FORMAT = "makd.student/1"
+log = logging.getLogger("makd.train")
+
+
+def previous_state_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write `path` atomically, keeping the file it replaces as the previous state (a kill between the two
+    renames leaves the previous state only, which `load_newest_state` then takes)."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        if path.exists():
+            os.replace(path, previous_state_path(path))
+
+
+def load_newest_state(path: Path) -> dict[str, Any] | None:
+    """The newest training state that loads: `path`, else the one before it; None when there is none."""
+    candidates = [p for p in (path, previous_state_path(path)) if p.is_file()]
+    errors = []
+    for candidate in candidates:
+        try:
+            state = load_state(candidate)
+        except MakdError as exc:
+            errors.append(str(exc))
+            continue
+        if errors:
+            log.warning("%s; resuming from the previous checkpoint %s", errors[0], candidate)
+        return state
+    if errors:
+        raise MakdError(" and ".join(errors) + ": delete them to start over, or use --resume never")
+    return None
 
 
 def load_state(path: Path) -> dict[str, Any]:

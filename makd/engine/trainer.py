@@ -29,7 +29,7 @@ from makd.data import build_splits, describe_splits
 from makd.data.base import ImageSplit
 from makd.data.transforms import InputSpec, SplitDataset, build_transform, channel_stats, input_spec
 from makd.engine import distributed
-from makd.engine.checkpoint import export_student, load_state, rng_states, save_state, set_rng_states
+from makd.engine.checkpoint import export_student, load_newest_state, rng_states, save_state, set_rng_states
 from makd.engine.runlog import RunLog
 from makd.errors import MakdError
 from makd.evaluate import aspect_agreement, class_metrics, nan_to_none, predict, topk_accuracy
@@ -261,14 +261,14 @@ class Trainer:
         save_state(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
-        """Continue from <out>/checkpoints/last.pt if it exists (the default of `makd train`)."""
-        if not self.checkpoint_path.is_file():
+        """Continue from the newest valid checkpoint in <out>/checkpoints/ (`makd train --resume auto`)."""
+        ckpt = load_newest_state(self.checkpoint_path)
+        if ckpt is None:
             return False
-        ckpt = load_state(self.checkpoint_path)
         changed = config_changes(to_dict(load_config(base=ckpt["config"])), to_dict(self.config))
         if changed:
             raise MakdError(f"{self.checkpoint_path} was written with another {changed[0]}; "
-                            f"use a new `out` folder, or pass --no-resume to start over")
+                            f"use a new `out` folder, or --resume never to start over")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
