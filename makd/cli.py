@@ -202,8 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(demo_config_text(), end="")
         return 0
-    run_demo(Path(args.out), seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress,
-             jobs=args.jobs or os.cpu_count() or 1)
+    run_demo(Path(args.out), seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
     return 0
 
 
@@ -315,9 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     de.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
-    de.add_argument("--jobs", type=int, default=None,
-                    help="runs trained at once, each on CPUs / jobs threads (default: the number of CPUs; "
-                         "a small student trains faster this way than on all cores)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     de.add_argument("--print-config", action="store_true", help="print the demo's config and exit")
     de.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)

@@ -96,8 +96,7 @@ def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     plots.prediction_gallery([np.asarray(subset.image(i)) for i in range(len(subset))], captions, path)
 
 
-def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, progress: bool = True,
-             jobs: int = 1) -> dict[str, Any]:
+def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(out, list(overrides or []) + ([] if progress else ["train.progress=false"]))
     timings: dict[str, float] = {}
@@ -118,7 +117,7 @@ def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, prog
                                 "Does the teacher answer like a person would? (class-level)", "Pearson r over classes")
 
     t1 = time.perf_counter()
-    results = train_grid(lambda method, seed: run_config(config, out, method, seed), list(METHODS), seeds, progress, jobs)
+    results = train_grid(lambda method, seed: run_config(config, out, method, seed), list(METHODS), seeds, progress)
     timings["train_s"] = time.perf_counter() - t1
 
     rows, numbers = comparison_table(results, BASELINE)

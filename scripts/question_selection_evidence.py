@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -68,7 +67,6 @@ def verdict(vs_ce: dict, vs_random: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs trained at once (default: CPUs)")
     parser.add_argument("--out", default="runs/question_selection")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides of the demo's setting, e.g. teacher.name=hf teacher.model=<folder>")
@@ -91,7 +89,7 @@ def main() -> None:
         return load_config(base=to_dict(config), overrides=overrides + [
             f"questions={chosen}", f"labels.path={store_for(pool_store, chosen)}"])
 
-    results = train_grid(make, METHODS, args.seeds, jobs=args.jobs)
+    results = train_grid(make, METHODS, args.seeds)
     rows_ce, numbers = comparison_table(results, METHODS[0])
     rows_random, vs_random = comparison_table({m: results[m] for m in METHODS[1:]}, "random")
     llm = json.loads((out / "selections" / "llm.json").read_text())["generation"]["selection"]
