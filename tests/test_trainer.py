@@ -80,6 +80,22 @@ def test_missing_labels_and_wrong_question_set_are_clear(tmp_path, labelled):
                                               f"labels.path={labelled / 'labels'}"]))
 
 
+def train_until_interrupted(config, monkeypatch, at_step: int) -> None:
+    """Train until the `at_step`-th optimizer step is about to run, then interrupt (as Ctrl-C would)."""
+    original, calls = Trainer.train_step, {"n": 0}
+
+    def interrupting(self, *args):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+
 def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
     common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}",
                      "train.checkpoint_every_steps=1", "model.drop_rate=0.2"]
@@ -87,19 +103,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
     train(reference)
 
     config = load_config(overrides=common + [f"out={tmp_path / 'crash'}"])
-    original = Trainer.train_step
-    calls = {"n": 0}
-
-    def crashing(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 8:  # epoch 2, step 3 of 5
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_interrupted(config, monkeypatch, at_step=8)  # epoch 2, step 3 of 5
     state = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
     results = train(config)
@@ -117,18 +121,7 @@ def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, labelled, monke
     common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}",
                      "train.checkpoint_every_steps=1", f"out={tmp_path}"]
     config = load_config(overrides=common)
-    original, calls = Trainer.train_step, {"n": 0}
-
-    def crashing(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_interrupted(config, monkeypatch, at_step=4)
     folder = tmp_path / "checkpoints"
     newest, previous = folder / "last.pt", folder / "last.prev.pt"
     assert torch.load(previous, weights_only=True)["state"]["step_in_epoch"] == 2  # one save before last.pt's 3
