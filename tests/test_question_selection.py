@@ -101,6 +101,6 @@ def test_cli_select_by_data_and_random_on_the_bridge(tmp_path):
     rows = (tmp_path / "data.selection.csv").read_text().splitlines()
     assert rows[0] == "question,mass,spread,information_bits,redundancy,rank,dropped" and len(rows) == 9
     assert (tmp_path / "data.selection.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "data.labels" / "labels.json").read_text())["num_samples"] == 30
+    assert json.loads((tmp_path / "data.pool-labels" / "labels.json").read_text())["num_samples"] == 30
     makd("questions", "select", *common, "select.method=random", "-o", "random.json", cwd=tmp_path)
     assert len(QuestionSet.load(tmp_path / "random.json")) == 3
