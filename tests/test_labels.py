@@ -152,3 +152,13 @@ def test_consolidated_table_follows_the_shards(tmp_path, split, questions, monke
     monkeypatch.setattr("makd.labels.store.atomic_path", read_only)
     np.testing.assert_array_equal(LabelStore.open(out).lookup(split.sample_ids)[0], logodds)
     assert not (out / TABLE_FILE).exists()
+
+
+def test_an_unreadable_shard_is_a_one_line_error(tmp_path, split, questions):
+    out = tmp_path / "s"
+    label_split(split, PixelTeacher(), questions, out, shard_size=4, progress=False)
+    (out / TABLE_FILE).unlink()
+    (out / "shard-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(MakdError, match=r"a shard is unreadable .*makd labels check"):
+        LabelStore.open(out).lookup(split.sample_ids)
+    assert not (out / TABLE_FILE).exists()

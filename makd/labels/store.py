@@ -146,8 +146,8 @@ class LabelStore:
         with os.scandir(self.path) as entries:
             return {e.name: e.stat() for e in entries if e.name.startswith("shard-") and e.is_file()}
 
-    def missing_shards(self) -> list[int]:
-        present = self._shard_files()
+    def missing_shards(self, present: dict[str, os.stat_result] | None = None) -> list[int]:
+        present = self._shard_files() if present is None else present
         return [i for i in range(self.num_shards) if shard_name(i) not in present]
 
     def check(self) -> Coverage:
@@ -187,7 +187,7 @@ class LabelStore:
     def _complete_shards(self, doing: str) -> list[os.stat_result]:
         """The stat of every shard, in order; an error naming the first missing one when the store is incomplete."""
         files = self._shard_files()
-        missing = [i for i in range(self.num_shards) if shard_name(i) not in files]
+        missing = self.missing_shards(files)
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
                             f"(first: {shard_name(missing[0])}); resume `makd label` before {doing}")
@@ -222,7 +222,11 @@ class LabelStore:
         table = self._mapped_table(key)
         if table is not None:
             return table
-        shards = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)]).combine_chunks()
+        try:
+            shards = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)]).combine_chunks()
+        except (OSError, pa.ArrowException) as exc:
+            raise MakdError(f"label store {self.path}: a shard is unreadable ({str(exc).splitlines()[0]}); "
+                            f"`makd labels check {self.path}` names it") from None
         if shards.num_rows != self.meta["num_samples"]:
             raise MakdError(f"label store {self.path}: {shards.num_rows} rows, metadata says {self.meta['num_samples']}")
         shards = shards.replace_schema_metadata({"makd.shards": key})
