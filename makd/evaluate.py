@@ -9,10 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from makd.config import load_config
+from makd.data import build_splits
 from makd.data.base import ImageSplit
-from makd.errors import MakdError
 from makd.data.transforms import InputSpec, SplitDataset, build_transform
-from makd.models import Student
+from makd.errors import MakdError
+from makd.labels import LabelStore
+from makd.models import Student, load_student
 
 
 @dataclass
@@ -122,6 +125,35 @@ def class_metrics(preds: Predictions) -> dict[str, float]:
             "ece": expected_calibration_error(preds.class_logits, preds.targets)}
 
 
+def aspect_report(aspect_logits: np.ndarray, teacher_logodds: np.ndarray) -> dict:
+    """What a run and `makd evaluate` record about the aspect head: the summary and per-question lists."""
+    agreement = aspect_agreement(aspect_logits, teacher_logodds)
+    return {**agreement.summary, "num_images": int(len(aspect_logits)),
+            "per_question_correlation": nan_to_none(agreement.correlation),
+            "per_question_auroc": nan_to_none(agreement.auroc)}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # top1, top5, ece (class logits only) and, when teacher rows exist, "aspects": aspect_report(...)
+    predictions: Predictions
+
+
+def evaluate_student(model: Student, spec: InputSpec, split: ImageSplit, teacher: LabelStore | None = None, *,
+                     batch_size: int = 256, device: str | torch.device = "cpu", channels_last: bool = False,
+                     num_workers: int = 0) -> Evaluation:
+    """The one way makd scores a student on a split: class metrics, and the aspect head against the teacher's
+    answers on the samples the label store covers (a subset is enough). Used by training, `makd evaluate` and
+    the demo."""
+    preds = predict(model, split, spec, batch_size, device, channels_last, num_workers)
+    metrics: dict = {"split": split.name, "num_images": len(split), **class_metrics(preds)}
+    if preds.aspect_logits is not None and teacher is not None:
+        positions, logodds, _ = teacher.available(split.sample_ids)
+        if len(positions):
+            metrics["aspects"] = aspect_report(preds.aspect_logits[positions], logodds)
+    return Evaluation(metrics, preds)
+
+
 def evaluate_file(model_path: str, split: str = "test", labels: str | None = None,
                   overrides: list[str] | None = None) -> dict:
     """Evaluate a student file, or a run folder's best-on-validation and last students, on a split of its data."""
@@ -131,30 +163,21 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         if not files["best"].is_file():
             raise MakdError(f"{path} holds no best.safetensors: not a finished makd run folder")
         return {which: evaluate_file(str(f), split, labels, overrides) for which, f in files.items() if f.is_file()}
-    from makd.config import load_config
-    from makd.data import build_splits
-    from makd.engine.checkpoint import load_student
-    from makd.labels import LabelStore
-
     model, meta = load_student(model_path)
     config = load_config(base=meta["config"], overrides=overrides)
     data = build_splits(config.data)[split]
     if data.class_names != meta["classes"]:
         raise MakdError(f"{model_path} was trained on classes {meta['classes'][:3]}..., the data has {data.class_names[:3]}...")
-    preds = predict(model, data, InputSpec(**meta["input"]), config.train.eval_batch_size,
-                    num_workers=config.data.num_workers)
-    report = {"model": str(model_path), "epoch": meta.get("epoch"), "split": split, "num_images": len(data), **class_metrics(preds)}
     store_path = labels or config.labels.path
-    if preds.aspect_logits is not None and store_path:
+    store = None
+    if model.aspect_head is not None and store_path:
         store = LabelStore.open(store_path)
         if store.meta["question_set_hash"] != meta["question_set_hash"]:
             raise MakdError(f"label store {store_path} is for question set {store.meta['question_set_hash']}, "
                             f"the model's aspect head for {meta['question_set_hash']}")
-        positions, logodds, _ = store.available(data.sample_ids)
-        if len(positions):
-            agreement = aspect_agreement(preds.aspect_logits[positions], logodds)
-            texts = [q["text"] for q in meta["questions"]]
-            report.update({"aspect_images": int(len(positions)), **{f"aspect_{k}": v for k, v in agreement.summary.items()},
-                           "aspect_correlation": dict(zip(texts, nan_to_none(agreement.correlation))),
-                           "aspect_auroc": dict(zip(texts, nan_to_none(agreement.auroc)))})
+    result = evaluate_student(model, InputSpec(**meta["input"]), data, store, batch_size=config.train.eval_batch_size,
+                              num_workers=config.data.num_workers)
+    report = {"model": str(model_path), "epoch": meta.get("epoch"), **result.metrics}
+    if "aspects" in report:
+        report["aspects"]["questions"] = [q["text"] for q in meta["questions"]]
     return report

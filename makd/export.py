@@ -16,9 +16,9 @@ from torch import nn
 
 from makd.atomic import atomic_path
 from makd.data.transforms import InputSpec
-from makd.engine.checkpoint import load_student
 from makd.errors import MakdError
 from makd.models import Student
+from makd.models.student_file import load_student
 
 
 class ExportView(nn.Module):

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from makd.config import LossTerm
 from makd.errors import MakdError
 from makd.models import StudentOutput
+from makd.registry import Registry
 
 
 @dataclass
@@ -30,21 +31,10 @@ class Batch:
 
 
 LossFn = Callable[..., torch.Tensor]
-LOSS_TERMS: dict[str, LossFn] = {}
-NEEDS_ASPECTS: set[str] = set()
-NEEDS_TEACHER: set[str] = set()
-
-
-def register(name: str, needs_aspects: bool = False, needs_teacher: bool = False) -> Callable[[LossFn], LossFn]:
-    def decorator(fn: LossFn) -> LossFn:
-        LOSS_TERMS[name] = fn
-        if needs_aspects:
-            NEEDS_ASPECTS.add(name)
-        if needs_teacher:
-            NEEDS_TEACHER.add(name)
-        return fn
-
-    return decorator
+# Terms say what they need beside the labels: needs_aspects (teacher targets from the label store), needs_teacher
+# (a KD teacher's class logits).
+LOSSES: Registry[LossFn] = Registry("loss term", "loss", modules=("makd.losses",))
+register = LOSSES.register
 
 
 @register("ce")
@@ -127,26 +117,29 @@ class WeightedLoss:
 
     def __init__(self, terms: dict[str, LossTerm]) -> None:
         self.terms: list[tuple[str, float, LossFn, dict]] = []
+        self.needs: set[str] = set()
         for name, term in terms.items():
-            if name not in LOSS_TERMS:
-                raise MakdError(f"loss.{name}: unknown loss term (choose from {', '.join(sorted(LOSS_TERMS))})")
+            if name not in LOSSES:
+                raise MakdError(f"loss.{name}: unknown loss term (choose from {', '.join(LOSSES.names())})")
+            entry = LOSSES.entry(name)
             options = dict(term.model_extra or {})
-            allowed = set(inspect.signature(LOSS_TERMS[name]).parameters) - {"out", "batch"}
+            allowed = set(inspect.signature(entry.obj).parameters) - {"out", "batch"}
             unknown = sorted(set(options) - allowed)
             if unknown:
                 raise MakdError(f"loss.{name}: unknown option {unknown[0]!r} (options: {', '.join(sorted(allowed)) or 'none'})")
             if term.weight > 0:
-                self.terms.append((name, term.weight, LOSS_TERMS[name], options))
+                self.terms.append((name, term.weight, entry.obj, options))
+                self.needs |= {need for need in ("aspects", "teacher") if entry.info.get(f"needs_{need}")}
         if not self.terms:
             raise MakdError("loss: every term has weight 0")
 
     @property
     def needs_aspects(self) -> bool:
-        return any(name in NEEDS_ASPECTS for name, *_ in self.terms)
+        return "aspects" in self.needs
 
     @property
     def needs_teacher(self) -> bool:
-        return any(name in NEEDS_TEACHER for name, *_ in self.terms)
+        return "teacher" in self.needs
 
     def __call__(self, out: StudentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {name: weight * fn(out, batch, **options) for name, weight, fn, options in self.terms}

@@ -11,8 +11,8 @@ import torch
 
 from makd.data.base import load_image
 from makd.data.transforms import InputSpec, build_transform, image_tensor, to_model_mode
-from makd.engine.checkpoint import load_student
 from makd.evaluate import sigmoid
+from makd.models.student_file import load_student
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

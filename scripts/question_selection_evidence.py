@@ -24,11 +24,12 @@ from pathlib import Path
 from makd.atomic import write_json, write_text
 from makd.config import Config, load_config, to_dict
 from makd.demo import demo_config
+from makd.experiment.runner import train_grid
 from makd.labels import LabelStore, label_from_config
 from makd.questions import QuestionSet
 from makd.questions.generate import generate_from_config
-from makd.questions.select import select_from_config
-from makd.report.compare import comparison_table, train_grid
+from makd.report.compare import comparison_table
+from makd.selection import select_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "questions.md"

@@ -78,7 +78,9 @@ def test_label_train_evaluate_predict(project, tiny_imagefolder):
 
     report = json.loads(makd("evaluate", "-m", str(run / "best.safetensors"), "--json", cwd=project).stdout)
     assert report["num_images"] == 9 and report["top1"] == pytest.approx(results["test_top1_best"])
-    assert report["aspect_images"] == 9 and set(report["aspect_correlation"]) == set(QUESTIONS)
+    assert report["aspects"]["num_images"] == 9 and report["aspects"]["questions"] == QUESTIONS
+    assert report["aspects"]["per_question_correlation"] == pytest.approx(
+        results["aspect_agreement_best"]["per_question_correlation"], abs=1e-4)
 
     images = sorted(str(p) for p in (tiny_imagefolder / "test" / "Trouser").iterdir())[:2]
     out = json.loads(makd("predict", "-m", str(run / "best.safetensors"), *images, "-k", "3", "--json", cwd=project).stdout)

@@ -45,3 +45,28 @@ def test_bad_yaml_file(tmp_path):
 def test_parse_overrides_types():
     assert parse_overrides(["a.b=1", "a.c=0.5", "a.d=true", "e=null", "f=hello"]) == {
         "a": {"b": 1, "c": 0.5, "d": True}, "e": None, "f": "hello"}
+
+
+def test_layered_files_and_includes(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "recipe.yaml").write_text("train: {epochs: 9, batch_size: 4}\noptim: {lr: 0.2}\n")
+    (tmp_path / "parts" / "data.yaml").write_text("include: recipe.yaml\ndata: {dataset: imagefolder}\ntrain: {epochs: 5}\n")
+    (tmp_path / "student.yaml").write_text("model: {name: resnet14}\noptim: {lr: 0.3}\n")
+    config = load_config([tmp_path / "parts" / "data.yaml", tmp_path / "student.yaml"], ["train.batch_size=2"])
+    # include < the including file < later files < overrides
+    assert (config.train.epochs, config.optim.lr, config.train.batch_size) == (5, 0.3, 2)
+    assert config.data.dataset == "imagefolder" and config.model.name == "resnet14"
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(MakdError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("include: {a: 1}\n")
+    with pytest.raises(MakdError, match="include must be a file name or a list"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_dataset_choices_come_from_the_registry():
+    from makd.data.registry import DATASETS
+
+    with pytest.raises(MakdError, match=r"data.dataset: unknown dataset 'mnist' \(choose from .*fashion_mnist.*imagefolder"):
+        load_config(overrides=["data.dataset=mnist"])
+    assert {"fashion_mnist", "imagefolder", "manifest", "cub200"} <= set(DATASETS.names())

@@ -239,6 +239,7 @@ def test_cub200(tmp_path):
 def test_dataset_ids_join_a_label_store(tmp_path):
     """Ids are stable strings, so a store written for one build of the splits serves the next."""
     from conftest import PixelTeacher, make_question_set
+
     from makd.data.base import ImageSplit
     from makd.labels import LabelStore, label_split
 

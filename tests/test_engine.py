@@ -7,16 +7,16 @@ import csv
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_trainer import TINY, labelled  # noqa: F401  (fixture)
 
 from makd.config import KDTeacherConfig, load_config
 from makd.data.fashion_mnist import CLASSES as FMNIST_CLASSES
 from makd.engine import train
-from makd.engine.checkpoint import load_student
 from makd.engine.trainer import Trainer, split_batch
 from makd.errors import MakdError
 from makd.losses import Batch
 from makd.models.kd_teacher import load_kd_teacher
-from test_trainer import TINY, labelled  # noqa: F401  (fixture)
+from makd.models.student_file import load_student
 
 # A LayerNorm-only model: no batch statistics, so micro-batches and processes see the same function.
 VIT = ["model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 16, depth: 1, num_heads: 2}",

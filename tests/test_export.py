@@ -8,9 +8,9 @@ pytest.importorskip("onnx")
 
 from makd.cli import main  # noqa: E402
 from makd.config import ModelConfig  # noqa: E402
-from makd.engine.checkpoint import export_student  # noqa: E402
 from makd.export import export_onnx, run_onnx  # noqa: E402
 from makd.models import build_student  # noqa: E402
+from makd.models.student_file import export_student  # noqa: E402
 
 
 @pytest.fixture()

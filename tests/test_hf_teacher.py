@@ -12,14 +12,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import make_question_set, question_set
+from PIL import Image
+from support.random_models import ARCHITECTURES, save_random_vlm
+
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.random_models import ARCHITECTURES, save_random_vlm
 
 QUESTIONS = ["Does the object have wheels?", "Is it worn on the feet?", "Does it have fur?", "Is the item red?",
              "Is it made of metal or wood?"]

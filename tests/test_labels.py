@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import PixelTeacher, make_question_set
+
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 from makd.labels.store import META_FILE, TABLE_FILE, shard_table

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import PixelTeacher, make_question_set
+
 from makd.cli import main
 from makd.config import load_config
 from makd.errors import MakdError

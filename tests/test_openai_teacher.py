@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import question_set
+from PIL import Image
+from support.openai_server import Model, ServerProcess
+from support.random_models import save_random_vlm
+
 from makd.errors import MakdError
 from makd.labels import LabelStore
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
 from makd.teachers.openai_api import data_url
-from makd.teachers.random_models import save_random_vlm
-from support.openai_server import Model, ServerProcess
 
 QUESTIONS = ["Does the object have wheels?", "Is it worn on the feet?", "Does it have fur?"]
 VOCAB = 1000  # >= the tiny tokenizer's vocabulary: the top-k is the whole distribution
@@ -170,8 +170,8 @@ def test_label_job_survives_the_server_dying(vlm, tiny_imagefolder, tmp_path):
     store = LabelStore.open(tmp_path / "labels")
     assert store.check().complete
     ids, logodds, _ = store.read()
-    from makd.data import build_splits
     from makd.config import load_config
+    from makd.data import build_splits
 
     split = build_splits(load_config(tmp_path / "config.yaml").data)["train"]
     assert ids == split.sample_ids and len(set(ids)) == len(ids) == 12

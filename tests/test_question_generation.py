@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.openai_server import ServerProcess
+from support.random_models import save_random_lm
 
 from makd.errors import MakdError
 from makd.questions.clean import YES_NO_OPENERS, class_mentioned, normalise
 from makd.questions.generate import build_prompt, generate_questions
 from makd.questions.llm import EmbeddedLLM, TextLLM
-from makd.teachers.random_models import save_random_lm
-from support.openai_server import ServerProcess
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -63,7 +63,7 @@ def test_no_usable_question_is_an_error():
 
 
 def test_unknown_backend_and_bad_option():
-    with pytest.raises(MakdError, match="llm.backend: unknown backend 'vllm'"):
+    with pytest.raises(MakdError, match="llm.backend: unknown LLM backend 'vllm'"):
         TextLLM.from_options({"backend": "vllm"})
     with pytest.raises(MakdError, match="llm: temperature"):
         TextLLM.from_options({"backend": "smollm2", "temperature": 9})

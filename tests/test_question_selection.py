@@ -9,13 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import question_set
+from test_question_generation import ScriptedLLM
+
 from makd.errors import MakdError
 from makd.questions import QuestionSet
-from makd.questions.select import (class_information, parse_selection, select_by_data, select_by_llm,
-                                   select_random)
-from test_question_generation import ScriptedLLM
+from makd.questions.select import class_information, parse_selection, select_by_data, select_by_llm, select_random
 
 
 def logit(p):

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import question_set
+from support.openai_server import ServerProcess
+from support.random_models import save_random_lm
+
 from makd.data.base import ImageSplit
 from makd.errors import MakdError
 from makd.labels import label_split
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.random_models import save_random_lm
-from support.openai_server import ServerProcess
 
 CLASSES = ["Sandal", "T-shirt", "Trouser"]
 QUESTIONS = ["Is the item worn on the feet?", "Does the item have sleeves?", "Does it have legs?"]
@@ -78,7 +78,7 @@ def test_local_lm_answers_per_class_and_broadcasts(lm, questions, tmp_path):
 
     with pytest.raises(MakdError, match=r"teacher: subject: must contain \{class_name\} \(got .A photo\..\)"):
         build_teacher({"name": "text", "model": lm, "subject": "A photo."})
-    with pytest.raises(MakdError, match="teacher.backend: unknown backend 'vllm'"):
+    with pytest.raises(MakdError, match="teacher.backend: unknown text-teacher backend 'vllm'"):
         build_teacher({"name": "text", "backend": "vllm", "model": lm})
 
 

@@ -4,17 +4,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import PixelTeacher, make_question_set
 from safetensors.torch import load_file
 
-from conftest import PixelTeacher, make_question_set
 from makd.config import load_config
 from makd.data import build_splits
 from makd.data.base import ImageSplit
 from makd.engine import train
-from makd.engine.checkpoint import load_student
 from makd.engine.trainer import Trainer, lr_at, permute_targets
 from makd.errors import MakdError
 from makd.labels import label_split
+from makd.models.student_file import load_student
 
 TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
         "train.epochs=3", "train.eval_every=1", "train.batch_size=8", "train.progress=false", "train.tensorboard=false"]

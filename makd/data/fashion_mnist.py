@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from makd.data.base import ImageSplit
+from makd.data.base import ImageSplit, Pools
+from makd.data.config import DataConfig
+from makd.data.registry import DATASETS
 from makd.errors import MakdError
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -62,3 +64,9 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> ImageSplit
         array=images,
         info={"dataset": "fashion_mnist", "root": str(root)},
     )
+
+
+@DATASETS.register("fashion_mnist")
+def read_fashion_mnist(config: DataConfig) -> Pools:
+    """The official train split as the pool (validation is drawn from it) and the official test split."""
+    return load_fashion_mnist("train", config.root), None, load_fashion_mnist("test", config.root)

@@ -9,16 +9,15 @@ relative to `data.root` (`train/<i>` / `test/<i>` for CIFAR-100), so label store
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from makd.config import DataConfig
 from makd.data.base import ImageSplit, Pools, file_split
+from makd.data.config import DataConfig
+from makd.data.registry import DATASETS
 from makd.errors import MakdError
-
 
 # dataset -> (torchvision class, its split names for our train pool / val / test, the folder it expects under root)
 TORCHVISION = {
@@ -74,6 +73,7 @@ def load_torchvision(config: DataConfig) -> Pools:
     return splits[0], splits[1], splits[2]
 
 
+@DATASETS.register("caltech101")
 def load_caltech101(config: DataConfig) -> Pools:
     """All of Caltech-101 as one pool (it has no official split: the test split is held out by fraction)."""
     root = _root(config)
@@ -94,6 +94,7 @@ def _caltech(root: Path) -> Any:
         raise MakdError(f"data.root: caltech101 in {root} is incomplete ({exc})") from None
 
 
+@DATASETS.register("flowers102")
 def load_flowers102(config: DataConfig) -> Pools:
     """Flowers-102: flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat} (torchvision's layout)."""
     from scipy.io import loadmat
@@ -138,6 +139,7 @@ def _unpickle(path: Path) -> dict:
         raise MakdError(f"cannot read CIFAR-100 file {path}: {exc}") from None
 
 
+@DATASETS.register("cifar100")
 def load_cifar100(config: DataConfig) -> Pools:
     """CIFAR-100 (python version): 32 px arrays in memory; ids `train/<i>`, `test/<i>`."""
     base = _root(config) / "cifar-100-python"
@@ -167,6 +169,7 @@ def _cub_table(folder: Path, name: str) -> dict[int, str]:
     return table
 
 
+@DATASETS.register("cub200")
 def load_cub200(config: DataConfig) -> Pools:
     """CUB-200-2011: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt and images/."""
     root = _root(config)
@@ -186,10 +189,5 @@ def load_cub200(config: DataConfig) -> Pools:
     return splits["train"], None, splits["test"]
 
 
-READERS: dict[str, Callable[[DataConfig], Pools]] = {
-    **{name: load_torchvision for name in TORCHVISION},
-    "caltech101": load_caltech101,
-    "flowers102": load_flowers102,
-    "cifar100": load_cifar100,
-    "cub200": load_cub200,
-}
+for _name in TORCHVISION:
+    DATASETS.register(_name)(load_torchvision)

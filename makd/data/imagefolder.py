@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from makd.data.base import ImageSplit, file_split
+from makd.data.base import ImageSplit, Pools, file_split
+from makd.data.config import DataConfig
+from makd.data.registry import DATASETS
 from makd.errors import MakdError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -41,3 +43,16 @@ def load_imagefolder(root: str | Path, split: str, classes: list[str] | None = N
     if not paths:
         raise MakdError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return file_split(split, root, paths, targets, classes, "imagefolder")
+
+
+@DATASETS.register("imagefolder")
+def read_imagefolder(config: DataConfig) -> Pools:
+    """root/train/<class>/..., root/test/<class>/... and optionally root/val/<class>/..."""
+    if config.root is None:
+        raise MakdError("data.root: required for dataset imagefolder")
+    classes = list_classes(config.root)
+    train = load_imagefolder(config.root, "train", classes)
+    test = load_imagefolder(config.root, "test", classes)
+    if test is None:
+        raise MakdError(f"imagefolder root {config.root} has no test/ folder")
+    return train, load_imagefolder(config.root, "val", classes), test

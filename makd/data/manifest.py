@@ -11,8 +11,9 @@ import csv
 import json
 from pathlib import Path
 
-from makd.config import DataConfig
 from makd.data.base import ImageSplit, Pools, file_split
+from makd.data.config import DataConfig
+from makd.data.registry import DATASETS
 from makd.errors import MakdError
 
 SPLITS = ("train", "val", "test")
@@ -63,6 +64,7 @@ def label_index(label: str, index: dict[str, int], num_classes: int, where: str)
     raise MakdError(f"{where}: label {label!r} is not a class name (nor an index below {num_classes})")
 
 
+@DATASETS.register("manifest")
 def load_manifest(config: DataConfig) -> Pools:
     """(train pool, val or None, test or None) from `data.manifest`."""
     if not config.manifest:

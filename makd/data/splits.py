@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from makd.config import DataConfig
-from makd.data.base import ImageSplit, Pools, per_class_sample
-from makd.data.fashion_mnist import load_fashion_mnist
-from makd.data.finegrained import READERS
-from makd.data.imagefolder import list_classes, load_imagefolder
-from makd.data.manifest import load_manifest
+from makd.data.base import ImageSplit, per_class_sample
+from makd.data.config import DataConfig
+from makd.data.registry import DATASETS
 from makd.errors import MakdError
-
-
-def _imagefolder(config: DataConfig) -> Pools:
-    if config.root is None:
-        raise MakdError("data.root: required for dataset imagefolder")
-    classes = list_classes(config.root)
-    train = load_imagefolder(config.root, "train", classes)
-    test = load_imagefolder(config.root, "test", classes)
-    if test is None:
-        raise MakdError(f"imagefolder root {config.root} has no test/ folder")
-    return train, load_imagefolder(config.root, "val", classes), test
 
 
 def _pools(config: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit]:
     """(train pool, val split if the dataset has one, test split — held out of the pool if the dataset has none)."""
-    if config.dataset == "fashion_mnist":
-        return load_fashion_mnist("train", config.root), None, load_fashion_mnist("test", config.root)
-    readers = {"imagefolder": _imagefolder, "manifest": load_manifest, **READERS}
-    pool, val, test = readers[config.dataset](config)
+    pool, val, test = DATASETS.get(config.dataset)(config)
     if test is None:
         rng = np.random.default_rng([config.split_seed, 0x7E57])  # its own stream: the other draws stay as they were
         held = holdout(pool.targets, config.holdout_fraction, rng)

@@ -1,17 +1,14 @@
-"""Checkpoints that load without unpickling arbitrary objects.
+"""Training-state checkpoints that load without unpickling arbitrary objects (students: makd/models/student_file.py).
 
-- `*.safetensors`: student weights + JSON metadata (config, classes, questions, input spec) — enough to
-  predict or evaluate with nothing else.
 - `last.pt`: the training state (weights, optimizer, grad scaler, epoch/step/data position, RNG states,
   history), only tensors and plain containers, loaded with `torch.load(weights_only=True)`. The one before it
   is kept as `last.prev.pt`, so a damaged newest file (disk full, bit rot, a copy cut short) costs one
   checkpoint interval, not the run.
-Both are written to a temporary name and renamed.
+It is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,17 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from makd.atomic import atomic_path
-from makd.config import ModelConfig
-from makd.data.transforms import InputSpec
 from makd.errors import MakdError
-from makd.models import Student, build_student
 
-STUDENT_FORMAT = "makd.student/1"
 log = logging.getLogger("makd.train")
 
 
@@ -99,34 +89,3 @@ def set_rng_states(states: dict[str, Any]) -> None:
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def export_student(path: Path, model: Student, meta: dict[str, Any]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": STUDENT_FORMAT, "makd": json.dumps(meta)})
-
-
-def read_student_meta(path: Path) -> dict[str, Any]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except FileNotFoundError:
-        raise MakdError(f"model file not found: {path}") from None
-    except (SafetensorError, OSError) as exc:
-        raise MakdError(f"cannot read model file {path}: {exc}") from None
-    if header.get("format") != STUDENT_FORMAT:
-        raise MakdError(f"{path} is not a makd student (format {header.get('format')!r})")
-    return json.loads(header["makd"])
-
-
-def load_student(path: str | Path) -> tuple[Student, dict[str, Any]]:
-    """Rebuild the student from a `.safetensors` file alone; returns (model in eval mode, metadata)."""
-    path = Path(path)
-    meta = read_student_meta(path)
-    spec = InputSpec(**meta["input"])
-    model_config = ModelConfig(**{**meta["model"], "pretrained": False})
-    model = build_student(model_config, spec.in_chans, len(meta["classes"]), len(meta["questions"]),
-                          (0.0,) * spec.in_chans, (1.0,) * spec.in_chans)
-    model.load_state_dict(load_file(str(path)))
-    return model.eval(), meta

@@ -3,27 +3,13 @@ TensorBoard scalars, and Weights & Biases when asked (`train.wandb`; WANDB_MODE=
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
 from makd.atomic import write_text
 from makd.errors import MakdError
-
-
-def rows_csv(history: list[dict[str, Any]]) -> str:
-    """Rows of dicts as CSV (the union of their keys as columns; floats to 6 significant digits)."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buf.getvalue()
+from makd.report.tables import rows_csv
 
 
 class RunLog:

@@ -24,20 +24,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from makd.atomic import read_json, write_json
-from makd.config import Config, load_config, save_config, to_dict, resolve_path
+from makd.config import Config, load_config, resolve_path, save_config, to_dict
 from makd.data import build_splits, describe_splits
 from makd.data.base import ImageSplit
 from makd.data.transforms import InputSpec, SplitDataset, build_transform, channel_stats, input_spec
 from makd.engine import distributed
-from makd.engine.checkpoint import export_student, load_newest_state, rng_states, save_state, set_rng_states
+from makd.engine.checkpoint import load_newest_state, rng_states, save_state, set_rng_states
 from makd.engine.runlog import RunLog
 from makd.errors import MakdError
-from makd.evaluate import aspect_agreement, class_metrics, nan_to_none, predict, topk_accuracy
+from makd.evaluate import evaluate_student, predict, topk_accuracy
 from makd.labels import LabelStore
 from makd.losses import Batch, WeightedLoss
 from makd.models import Student, build_student
 from makd.models.kd_teacher import KDTeacher, load_kd_teacher
+from makd.models.student_file import export_student, load_student
 from makd.questions import QuestionSet
+from makd.report.run import write_run_report
 
 log = logging.getLogger("makd.train")
 
@@ -434,29 +436,24 @@ class Trainer:
 
     # -- final evaluation ------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
-        from makd.engine.checkpoint import load_student
-        from makd.report.run import write_run_report
-
+        """Test the best-on-validation and last students (class logits only; the aspect head against the teacher)."""
         test = self.splits["test"]
         results: dict[str, Any] = {"name": self.config.name, "seed": self.config.train.seed,
                                    "best_epoch": self.state.best_epoch, "val_top1_best": self.state.best_val_top1,
                                    "val_top1_last": self.state.history[-1].get("val_top1")}
-        teacher_rows = self._teacher_rows_for(test)
+        cfg = self.config.train
         # When the last epoch is also the best one, the two files hold the same weights: evaluate once.
         for which in ("best",) if self.state.best_epoch == self.state.epoch else ("best", "last"):
             model, _ = load_student(self.run / f"{which}.safetensors")
             model = model.to(self.device).to(memory_format=self.memory_format)
-            preds = predict(model, test, self.spec, self.config.train.eval_batch_size, self.device,
-                            self.config.train.channels_last, self.config.data.num_workers)
-            results.update({f"test_{k}_{which}": v for k, v in class_metrics(preds).items()})
-            if preds.aspect_logits is not None and teacher_rows is not None:
-                positions, logodds = teacher_rows
-                agreement = aspect_agreement(preds.aspect_logits[positions], logodds)
-                results[f"aspect_agreement_{which}"] = {**agreement.summary, "num_images": int(len(positions)),
-                                                        "per_question_correlation": agreement.correlation.tolist(),
-                                                        "per_question_auroc": nan_to_none(agreement.auroc)}
+            result = evaluate_student(model, self.spec, test, self.aspects.store if self.aspects else None,
+                                      batch_size=cfg.eval_batch_size, device=self.device, channels_last=cfg.channels_last,
+                                      num_workers=self.config.data.num_workers)
+            results.update({f"test_{k}_{which}": result.metrics[k] for k in ("top1", "top5", "ece")})
+            if "aspects" in result.metrics:
+                results[f"aspect_agreement_{which}"] = result.metrics["aspects"]
             if which == "best":
-                np.save(self.run / "test_class_logits_best.npy", preds.class_logits)
+                np.save(self.run / "test_class_logits_best.npy", result.predictions.class_logits)
         for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
             results.setdefault(key.removesuffix("_best") + "_last", results[key])
         write_json(self.run / "results.json", results)
@@ -464,13 +461,6 @@ class Trainer:
         log.info("%s: test top-1 %.2f (best-on-val epoch %d), %.2f (last)", self.config.name,
                  results["test_top1_best"], self.state.best_epoch, results["test_top1_last"])
         return results
-
-    def _teacher_rows_for(self, split: ImageSplit) -> tuple[np.ndarray, np.ndarray] | None:
-        """Teacher log-odds for the test samples the label store covers (a subset is enough for agreement)."""
-        if self.aspects is None:
-            return None
-        positions, logodds, _ = self.aspects.store.available(split.sample_ids)
-        return (positions, logodds) if len(positions) else None
 
 
 def train(config: Config, resume: bool = True) -> dict[str, Any]:

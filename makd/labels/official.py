@@ -23,7 +23,8 @@ from PIL import Image
 
 from makd.atomic import read_json, write_json
 from makd.errors import MakdError
-from makd.labels.store import LabelStore, label_split
+from makd.labels.job import label_split
+from makd.labels.store import LabelStore
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 

@@ -53,7 +53,7 @@ def load_kd_teacher(config: KDTeacherConfig, class_names: list[str]) -> KDTeache
         raise MakdError("kd_teacher: set exactly one of kd_teacher.checkpoint (a makd student file) or kd_teacher.timm "
                         "(a timm model name); a KD loss term (kd, dkd, lskd) is on")
     if config.checkpoint:
-        from makd.engine.checkpoint import load_student
+        from makd.models.student_file import load_student
 
         model, meta = load_student(config.checkpoint)
         if meta["classes"] != class_names:

@@ -20,8 +20,16 @@ from typing import Any, Literal, Union
 import pydantic
 
 from makd.atomic import read_json, write_json
+from makd.clients.hf import (
+    HFModelOptions,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+    torch_dtype,
+)
+from makd.clients.openai_chat import ChatClient, ServerConnection
 from makd.errors import MakdError
-from makd.teachers.hf_common import HFModelOptions, load_pretrained, resolve_device, resolve_dtype, torch_dtype
+from makd.registry import Registry
 from makd.validation import validate
 
 Prompt = Union[str, list[dict[str, str]]]
@@ -36,22 +44,24 @@ class Sampling(pydantic.BaseModel):
     max_new_tokens: int = pydantic.Field(200, ge=1, le=8192)
 
 
+# Backend name -> its options schema; TextLLM generates locally (transformers) or through a server by backend.
+LLM_BACKENDS: Registry[type[pydantic.BaseModel]] = Registry("LLM backend", "llm.backend", modules=("makd.questions.llm",))
+
+
+@LLM_BACKENDS.register("hf")
 class LocalLLM(HFModelOptions, Sampling):
     backend: Literal["hf"] = "hf"
 
 
+@LLM_BACKENDS.register("smollm2")
 class EmbeddedLLM(Sampling):
     backend: Literal["smollm2"] = "smollm2"
     device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
-def _server_llm() -> type[pydantic.BaseModel]:
-    from makd.teachers.openai_api import ServerConnection
-
-    class ServerLLM(ServerConnection, Sampling):
-        backend: Literal["openai"]
-
-    return ServerLLM
+@LLM_BACKENDS.register("openai")
+class ServerLLM(ServerConnection, Sampling):
+    backend: Literal["openai"]
 
 
 def smollm2_folder() -> Path:
@@ -76,11 +86,8 @@ class TextLLM:
 
     @classmethod
     def from_options(cls, options: dict[str, Any], cache: str | Path | None = None) -> "TextLLM":
-        backend = options.get("backend", "smollm2")
-        schemas = {"smollm2": EmbeddedLLM, "hf": LocalLLM, "openai": _server_llm()}
-        if backend not in schemas:
-            raise MakdError(f"llm.backend: unknown backend {backend!r} (choose from {', '.join(schemas)})")
-        return cls(validate(schemas[backend], options, "llm"), cache)
+        schema = LLM_BACKENDS.get(options.get("backend", "smollm2"))
+        return cls(validate(schema, options, "llm"), cache)
 
     # -- identity -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -111,8 +118,6 @@ class TextLLM:
         return self._cache
 
     def _server(self, prompt: Prompt, n: int, seed: int) -> list[str]:
-        from makd.teachers.openai_api import ChatClient
-
         if self._client is None:
             self._client = ChatClient(self.options, section="llm")
         o = self.options

@@ -14,8 +14,7 @@ import numpy as np
 import pydantic
 from pydantic import BaseModel, Field
 
-from makd.atomic import write_json
-from makd.atomic import read_json
+from makd.atomic import read_json, write_json
 from makd.errors import MakdError
 from makd.validation import validate
 

@@ -1,4 +1,5 @@
-"""Choosing Q questions from a candidate pool: by data (teacher answers on training images) or at random.
+"""Choosing Q questions from a candidate pool: by data (teacher answers on training images), by an LLM (the
+paper's method) or at random. The algorithms only: makd/selection.py runs them from a config.
 
 Data-driven selection (in the spirit of LaBo's submodular concept selection) keeps questions the teacher
 answers in form (answer mass), whose answers vary across images (spread), and then greedily takes the
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from makd.errors import MakdError
 
 if TYPE_CHECKING:
-    from makd.config import Config
     from makd.questions.llm import Prompt, TextLLM
     from makd.questions.questionset import QuestionSet
 
@@ -150,63 +149,3 @@ def select_by_llm(pool: "QuestionSet", k: int, llm: "TextLLM", style: str, seed:
     rest = [i for i in range(len(pool)) if i not in from_llm]
     filled = np.random.default_rng(seed).choice(rest, size=k - len(from_llm), replace=False).tolist() if len(from_llm) < k else []
     return from_llm + filled, {"chosen_by_llm": len(from_llm), "filled_at_random": len(filled), "responses": responses}
-
-
-def select_from_config(config: "Config", pool_path: str | Path, output: str | Path) -> "QuestionSet":
-    """Choose `select.num_questions` of the pool by `select.method`; writes the set and, for `data`, a per-question
-    report (CSV + PNG) and the label store of the pool on the sampled training images (reused when re-run)."""
-    from makd.questions.questionset import QuestionSet
-
-    pool = QuestionSet.load(pool_path)
-    s, output = config.select, Path(output)
-    k = s.num_questions
-    if k > len(pool):
-        raise MakdError(f"select.num_questions: {k} requested, the pool {pool_path} has {len(pool)} questions")
-    if s.method == "random":
-        chosen, details = select_random(len(pool), k, s.seed), {}
-    elif s.method == "llm":
-        from makd.questions.generate import resolved_style
-        from makd.questions.llm import TextLLM
-
-        llm = TextLLM.from_options(config.generate.llm, cache=output.with_name(output.stem + ".llm-cache.json"))
-        chosen, details = select_by_llm(pool, k, llm, resolved_style(config.generate.style, llm), s.seed)
-        details["llm"] = llm.describe()
-    else:
-        chosen, details = _select_by_teacher(config, pool, output)
-    selected = pool.model_copy(update={
-        "name": f"{pool.name or 'pool'}-{s.method}{k}",
-        "questions": tuple(pool.questions[i] for i in chosen),
-        "generation": {**pool.generation, "selection": {"method": s.method, "from_pool": str(pool_path),
-                                                        "pool_hash": pool.hash, "pool_size": len(pool),
-                                                        "settings": s.model_dump(), **details}},
-    })
-    selected = type(pool).model_validate(selected.model_dump())
-    selected.save(output)
-    return selected
-
-
-def _select_by_teacher(config: "Config", pool: "QuestionSet", output: Path) -> tuple[list[int], dict]:
-    from makd.atomic import write_text
-    from makd.data import build_splits
-    from makd.data.base import per_class_sample
-    from makd.engine.runlog import rows_csv
-    from makd.labels import label_split
-    from makd.report.plots import selection_scatter
-    from makd.teachers import build_teacher
-
-    s = config.select
-    train = build_splits(config.data)["train"]
-    if list(pool.classes) != train.class_names:
-        raise MakdError(f"the pool's classes {list(pool.classes)[:3]}... are not the dataset's {train.class_names[:3]}...")
-    sample = train.subset(per_class_sample(train.targets, s.images_per_class, np.random.default_rng(s.seed), at_most=True))
-    teacher = build_teacher(config.teacher)
-    store = label_split(sample, teacher, pool, output.with_name(output.stem + ".pool-labels"),
-                        shard_size=config.labels.shard_size, progress=config.train.progress)
-    _, logodds, mass = store.read()
-    chosen, report = select_by_data(logodds, mass, sample.targets, s.num_questions, min_mass=s.min_mass,
-                                    min_spread=s.min_spread, redundancy_weight=s.redundancy_weight)
-    write_text(output.with_name(output.stem + ".selection.csv"), rows_csv(report.rows(pool.texts)))
-    selection_scatter(report, output.with_name(output.stem + ".selection.png"), title=f"{len(pool)} candidates, "
-                      f"{s.num_questions} chosen by data ({len(sample)} training images, teacher {teacher.name})")
-    return chosen, {"teacher": teacher.describe().get("name"), "images": len(sample), "label_store": str(store.path),
-                    "dropped": sum(d is not None for d in report.dropped)}

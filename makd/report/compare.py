@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
 if TYPE_CHECKING:
-    from makd.config import Config
+    pass
 
 
 @dataclass(frozen=True)
@@ -53,28 +51,6 @@ def paired_difference(method: list[float], baseline: list[float], confidence: fl
         return PairedDifference(float(d.mean()), float("nan"), float("nan"), int((d > 0).sum()), n)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
     return PairedDifference(float(d.mean()), float(d.mean() - half), float(d.mean() + half), int((d > 0).sum()), n)
-
-
-def train_grid(make_config: Callable[[str, int], "Config"], methods: list[str], seeds: int,
-               progress: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """Train every (seed, method), seed-major so an interrupted comparison has balanced partial results; a run whose
-    folder already holds results.json is read, not retrained."""
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from makd.atomic import read_json
-    from makd.engine import train
-
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    jobs = [(seed, method) for seed in range(seeds) for method in methods]
-    with logging_redirect_tqdm(), tqdm(jobs, desc="training", unit="run", disable=not progress) as bar:
-        for seed, method in bar:
-            config = make_config(method, seed)
-            done = Path(config.out) / "results.json"
-            result = read_json(done, "results") if done.is_file() else train(config)
-            results[method].append(result)
-            bar.set_postfix_str(f"{config.name}: {result['test_top1_best']:.2f}")
-    return results
 
 
 def comparison_table(results: dict[str, list[dict[str, Any]]], baseline: str) -> tuple[list[str], dict[str, Any]]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pydantic
 
+from makd.clients.hf import HFModelOptions
 from makd.errors import MakdError
 
 DEFAULT_YES = ("Yes", "yes", " Yes", " yes")
@@ -42,6 +43,14 @@ class PromptOptions(pydantic.BaseModel):
 
     def user_text(self, question: str) -> str:
         return f"{question} {self.instruction}".strip()
+
+
+class HFOptions(HFModelOptions, PromptOptions):
+    """Options every local transformers teacher takes."""
+
+    # Options that only change speed or placement, never the answers: left out of the provenance that a resumed
+    # labelling job compares, so a job may resume with another batch size or on another GPU.
+    EXECUTION_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "question_batch", "device", "attn_implementation")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from PIL import Image
 
 from makd.questions import QuestionSet
 
-
 IMAGES = frozenset({"images"})
 
 

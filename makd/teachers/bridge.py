@@ -1,6 +1,6 @@
 """The offline "ImageNet-bridge" teacher: an ImageNet classifier and a sentence encoder answer yes/no questions.
 
-No vision-language weights install offline (docs/offline.md), so this teacher routes each question through
+No vision-language weights install offline (only PyPI, apt and npm are reachable), so this teacher routes each question through
 ImageNet classes k:  p_yes(q | x) = sum_k P(k | x) * s(q, k), where P is the EfficientNet-Lite0 posterior and
 s(q, k) = sigmoid(sharpness * z-score over k of cos(MiniLM(q), MiniLM(prompt of class k))).
 
@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from makd import embeddings
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
+from makd.teachers.registry import TEACHERS
 from makd.validation import validate
 
 IMAGE_MODEL = "efficientnet-lite0"
@@ -42,6 +43,7 @@ BORDER = 2  # width in pixels of the frame whose median decides background brigh
 P_CLIP = 1e-4  # keeps logit(p) finite: |log-odds| <= 9.21
 
 
+@TEACHERS.register("bridge")
 class BridgeTeacher:
     """Answers questions through the ImageNet vocabulary; see the module docstring for the formula."""
 

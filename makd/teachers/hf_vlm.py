@@ -30,13 +30,28 @@ import numpy as np
 import pydantic
 from PIL import Image
 
+from makd.clients.hf import (
+    adds_special_tokens,
+    chat_messages,
+    common_prefix_length,
+    load_pretrained,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+    template_kwargs,
+    torch_dtype,
+)
 from makd.errors import MakdError
 from makd.questions import QuestionSet
-from makd.teachers.answers import FORMULA, AnswerTokens, logodds_and_mass, resolve_answer_tokens
+from makd.teachers.answers import (
+    FORMULA,
+    AnswerTokens,
+    HFOptions,
+    logodds_and_mass,
+    resolve_answer_tokens,
+)
 from makd.teachers.base import AspectScores
-from makd.teachers.hf_common import (HFOptions, adds_special_tokens, chat_messages, common_prefix_length,
-                                     load_pretrained, model_fingerprint, resolve_device, resolve_dtype,
-                                     template_kwargs, torch_dtype)
+from makd.teachers.registry import TEACHERS
 from makd.validation import validate
 
 log = logging.getLogger("makd")
@@ -64,6 +79,7 @@ class PromptPlan:
     suffixes: list[list[int]]
 
 
+@TEACHERS.register("hf")
 class HFVLMTeacher:
     """Scores with `AutoProcessor` + `AutoModelForImageTextToText`; see the module docstring."""
 

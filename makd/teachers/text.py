@@ -2,7 +2,7 @@
 
 No image is looked at: for C classes and Q questions the LLM scores C x Q prompts ("The image shows a
 {class_name}. {question} Answer with Yes or No."), once per question set, and every image gets its class's
-row. It is cheap (C x Q prompts instead of N x Q image prompts) and often about as good (method.md, LaViD).
+row. It is cheap (C x Q prompts instead of N x Q image prompts) and often about as good (LaViD, arXiv 2606.27527).
 Backends: a local causal LM (`backend: hf`, any AutoModelForCausalLM, GGUF files included through
 transformers' GGUF loading) or any OpenAI-compatible server (`backend: openai`).
 """
@@ -17,13 +17,29 @@ import pydantic
 from PIL import Image
 from tqdm.auto import tqdm
 
+from makd.clients.hf import (
+    adds_special_tokens,
+    load_pretrained,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+    template_kwargs,
+    torch_dtype,
+)
+from makd.clients.openai_chat import ChatClient
 from makd.errors import MakdError
 from makd.questions import QuestionSet
-from makd.teachers.answers import FORMULA, AnswerTokens, logodds_and_mass, resolve_answer_tokens
+from makd.registry import Registry
+from makd.teachers.answers import (
+    FORMULA,
+    AnswerTokens,
+    HFOptions,
+    logodds_and_mass,
+    resolve_answer_tokens,
+)
 from makd.teachers.base import AspectScores
-from makd.teachers.hf_common import (HFOptions, adds_special_tokens, load_pretrained, model_fingerprint,
-                                     resolve_device, resolve_dtype, template_kwargs, torch_dtype)
-from makd.teachers.openai_api import ChatClient, ServerOptions, scores_from_tops, server_describe
+from makd.teachers.openai_api import ServerOptions, scores_from_tops, server_describe
+from makd.teachers.registry import TEACHERS
 from makd.validation import validate
 
 DEFAULT_SUBJECT = "The image shows a {class_name}."
@@ -43,18 +59,23 @@ class ClassLevel(pydantic.BaseModel):
         return value
 
 
+# Where the class-level answers come from (`teacher.backend`): a local causal LM or an OpenAI-compatible server.
+TEXT_BACKENDS: Registry[type[pydantic.BaseModel]] = Registry("text-teacher backend", "teacher.backend",
+                                                             modules=("makd.teachers.text",))
+
+
+@TEXT_BACKENDS.register("hf")
 class HFTextOptions(HFOptions, ClassLevel):
     backend: Literal["hf"] = "hf"
     question_batch: int = pydantic.Field(32, ge=1)  # prompts per forward
 
 
+@TEXT_BACKENDS.register("openai")
 class ServerTextOptions(ServerOptions, ClassLevel):
     backend: Literal["openai"]
 
 
-BACKENDS: dict[str, type[pydantic.BaseModel]] = {"hf": HFTextOptions, "openai": ServerTextOptions}
-
-
+@TEACHERS.register("text")
 class TextTeacher:
     """Class-level answers broadcast to images; see the module docstring."""
 
@@ -75,10 +96,7 @@ class TextTeacher:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TextTeacher:
-        backend = options.get("backend", "hf")
-        if backend not in BACKENDS:
-            raise MakdError(f"teacher.backend: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-        return cls(validate(BACKENDS[backend], options, "teacher"))
+        return cls(validate(TEXT_BACKENDS.get(options.get("backend", "hf")), options, "teacher"))
 
     # -- prompts ------------------------------------------------------------------------------------------
     def user_text(self, class_name: str, question: str) -> str:

@@ -50,7 +50,8 @@ class Model:
         """The chat rendered with the model's template and tokenised (images decoded from data URLs)."""
         from PIL import Image
 
-        from makd.teachers.hf_common import adds_special_tokens, template_kwargs as used_kwargs
+        from makd.clients.hf import adds_special_tokens
+        from makd.clients.hf import template_kwargs as used_kwargs
 
         images, converted = [], []
         for message in messages:

@@ -1,0 +1,115 @@
+"""Local transformers models for teachers and question LLMs: where they come from, device/dtype, loading with
+one-line errors, provenance, chat-prompt helpers.
+
+Loading never passes `trust_remote_code=True` unless the user set the option: a model repository's own Python
+code runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+
+from makd.errors import MakdError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HFModelOptions(pydantic.BaseModel):
+    """Where a local transformers model comes from and where it runs (teachers and question generators)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = pydantic.Field(min_length=1)  # hub id or local folder
+    revision: str | None = None  # hub branch, tag or commit
+    gguf_file: str | None = None  # a .gguf file inside `model` (transformers dequantises it on load)
+    trust_remote_code: bool = False  # run the model repository's own code: only when you trust it
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+    chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MakdError(f"teacher.device: {device} requested but no CUDA device is available (use cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto: bfloat16 on GPUs (fast, the released models' dtype), float32 on CPUs (bf16 matmuls are slow there)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_pretrained(loader: Any, o: HFModelOptions, what: str, section: str = "teacher", **kwargs: Any) -> Any:
+    """`loader.from_pretrained(o.model, ...)` with a one-line MakdError naming the option on failure."""
+    extra = {"gguf_file": o.gguf_file} if o.gguf_file else {}
+    try:
+        return loader.from_pretrained(o.model, revision=o.revision, trust_remote_code=o.trust_remote_code, **extra,
+                                      **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if o.trust_remote_code or "trust_remote_code" not in str(exc) else \
+            f" (this model needs its own code: set {section}.trust_remote_code=true if you trust it)"
+        raise MakdError(f"{section}.model: cannot load the {what} of {o.model!r}: {first}{hint}") from None
+
+
+def model_fingerprint(o: HFModelOptions) -> dict[str, Any]:
+    """What identifies the weights: the hub commit when the model comes from the hub cache, plus the config's
+    hash and the weight files' sizes (cheap; hashing gigabytes of weights on every start is not)."""
+    from transformers.utils import cached_file
+
+    name = o.gguf_file or "config.json"
+    try:
+        path = Path(cached_file(o.model, name, revision=o.revision))
+    except (OSError, ValueError) as exc:
+        raise MakdError(f"teacher.model: cannot find {name} of {o.model!r}: {str(exc).splitlines()[0]}") from None
+    commit = path.parent.name if path.parent.parent.name == "snapshots" else None
+    folder = path.parent
+    weights = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+               if p.suffix in (".safetensors", ".bin", ".gguf", ".pt")}
+    digest = hashlib.sha256(path.read_bytes() if name == "config.json" else str(weights).encode()).hexdigest()[:16]
+    return {"commit": commit, "config_sha256": digest if name == "config.json" else None, "weight_files": weights}
+
+
+def chat_messages(content: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """One user turn (optionally after a system turn), content in the list-of-parts form processors expect."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return [*messages, {"role": "user", "content": content}]
+
+
+def template_kwargs(template: Any, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The chat-template variables (e.g. enable_thinking=False) this template actually reads: transformers treats
+    the others as processor arguments and warns."""
+    text = template if isinstance(template, str) else str(template)
+    return {k: v for k, v in wanted.items() if k in text}
+
+
+def adds_special_tokens(tokenizer: Any, prompt: str) -> bool:
+    """Whether tokenising `prompt` should add BOS: not when the chat template already wrote it (as transformers'
+    own `apply_chat_template(tokenize=True)` decides)."""
+    return not (tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token))
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n

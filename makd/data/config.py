@@ -1,0 +1,38 @@
+"""The `data` section of the config (and the base of every section): which dataset, where, which subsets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = Field("fashion_mnist", description="a registered dataset reader (makd/data/registry.py): "
+                         "fashion_mnist, imagefolder, manifest, or one of the paper's datasets by name")
+    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package; "
+                             "torchvision datasets: the folder their download would have created; manifest: the folder "
+                             "image paths are relative to, default the manifest's own folder)")
+    manifest: str | None = Field(None, description="dataset manifest: CSV or JSONL file with path,label[,split] rows")
+    classes: str | list[str] | None = Field(None, description="manifest: class names in label order (a list, or a file "
+                                            "with one per line); default: the sorted distinct labels")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="datasets without a test split (Caltech101, manifests "
+                                    "without test rows): this fraction of each class is the test split (seeded)")
+    train_per_class: int | None = Field(20, ge=1, description="few-shot training subset per class; null = all")
+    val_per_class: int | None = Field(50, ge=1, description="validation images per class, drawn from the rest of the training pool")
+    test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
+    split_seed: int = 0
+    image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")
+    augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = "auto"
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from makd.data.registry import DATASETS
+
+        return DATASETS.check(value)

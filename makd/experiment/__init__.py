@@ -1,0 +1,1 @@
+"""Experiments: many runs (methods x seeds x settings) and their comparison."""
