@@ -72,16 +72,16 @@ def makd_epoch(trainer: Trainer, epoch: int) -> float:
     trainer.state.step_in_epoch = 0
     start = time.perf_counter()
     trainer.run_epoch(epoch, None)
-    return len(trainer.dataset) / (time.perf_counter() - start)
+    return len(trainer.task.dataset) / (time.perf_counter() - start)
 
 
 def bare_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, aspects: bool) -> float:
     """The hand-written loop over the same dataset object, batch size and model architecture."""
     cfg = trainer.config.train
     start = time.perf_counter()
-    loader = DataLoader(trainer.dataset, batch_size=cfg.batch_size, num_workers=0,
-                        sampler=RandomSampler(trainer.dataset, generator=torch.Generator().manual_seed(epoch)))
-    targets = trainer.aspects.logodds if aspects else None
+    loader = DataLoader(trainer.task.dataset, batch_size=cfg.batch_size, num_workers=0,
+                        sampler=RandomSampler(trainer.task.dataset, generator=torch.Generator().manual_seed(epoch)))
+    targets = trainer.task.aspects.logodds if aspects else None
     model.train()
     for x, y, rows in loader:
         out = model(x)
@@ -91,7 +91,7 @@ def bare_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return len(trainer.dataset) / (time.perf_counter() - start)
+    return len(trainer.task.dataset) / (time.perf_counter() - start)
 
 
 class Setting:
@@ -100,7 +100,7 @@ class Setting:
     def __init__(self, overrides: list[str], aspects: bool) -> None:
         self.aspects = aspects
         self.trainer = Trainer(load_config(overrides=overrides))
-        train = self.trainer.splits["train"]
+        train = self.trainer.task.splits["train"]
         self.model = build_student(self.trainer.config.model, train.channels, train.num_classes,
                                    QUESTIONS if aspects else 0, *channel_stats(train))
         self.model.load_state_dict(self.trainer.model.state_dict())

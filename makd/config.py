@@ -121,6 +121,8 @@ class SelectConfig(Section):
 
 
 class Config(Section):
+    task: str = Field("classification", description="what is trained: classification, or detection (a registered "
+                      "task, makd/engine/tasks.py)")
     name: str = "run"
     out: str = Field("runs/run", description="run folder")
     questions: str | None = Field(None, description="question-set JSON (or makd:<resource> for a built-in one)")

@@ -12,7 +12,8 @@ from test_trainer import TINY, labelled  # noqa: F401  (fixture)
 from makd.config import KDTeacherConfig, load_config
 from makd.data.fashion_mnist import CLASSES as FMNIST_CLASSES
 from makd.engine import train
-from makd.engine.trainer import Trainer, split_batch
+from makd.engine.classification import split_batch
+from makd.engine.trainer import Trainer
 from makd.errors import MakdError
 from makd.losses import Batch
 from makd.models.kd_teacher import load_kd_teacher

@@ -11,7 +11,8 @@ from makd.config import load_config
 from makd.data import build_splits
 from makd.data.base import ImageSplit
 from makd.engine import train
-from makd.engine.trainer import Trainer, lr_at, permute_targets
+from makd.engine.classification import permute_targets
+from makd.engine.trainer import Trainer, lr_at
 from makd.errors import MakdError
 from makd.labels import label_split
 from makd.models.student_file import load_student

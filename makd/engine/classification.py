@@ -1,0 +1,241 @@
+"""Image classification as a task of the one training loop: CE, MaKD's aspect BCE, KD/DKD/LSKD and their sums,
+and the permuted-target controls, on a student with a class head and an aspect head."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from makd.atomic import write_json
+from makd.config import Config, resolve_path, to_dict
+from makd.data import build_splits, describe_splits
+from makd.data.base import ImageSplit
+from makd.data.transforms import InputSpec, SplitDataset, build_transform, channel_stats, input_spec
+from makd.engine.distributed import Dist
+from makd.engine.seeding import derive_seed, seed_step, seed_worker
+from makd.engine.tasks import TASKS, Task, autocast
+from makd.errors import MakdError
+from makd.evaluate import evaluate_student, predict, topk_accuracy
+from makd.labels import LabelStore
+from makd.losses import Batch, WeightedLoss
+from makd.models import build_student, export_student, load_student
+from makd.models.kd_teacher import KDTeacher, load_kd_teacher
+from makd.questions import QuestionSet
+from makd.report.run import write_run_report
+
+log = logging.getLogger("makd.train")
+
+
+@dataclass
+class AspectTargets:
+    questions: QuestionSet
+    store: LabelStore
+    logodds: torch.Tensor  # [N_train, Q], aligned with the train split's rows
+    mass: torch.Tensor
+
+
+def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
+    if not config.questions or not config.labels.path:
+        raise MakdError("an aspect loss is on: set `questions` (question-set JSON) and `labels.path` (label store)")
+    questions = QuestionSet.load(resolve_path(config.questions))
+    store = LabelStore.open(config.labels.path)
+    store.check_questions(questions, str(config.questions))
+    if list(questions.classes) != train.class_names:
+        raise MakdError(f"question set {config.questions} lists classes {list(questions.classes)[:4]}..., "
+                        f"the dataset has {train.class_names[:4]}...")
+    logodds, mass = store.lookup(train.sample_ids)
+    logodds, mass = permute_targets(logodds, mass, train.targets, config.labels.permute, config.train.seed)
+    return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass))
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the label store's memory-mapped rows, without copying them: the targets are only ever
+    indexed (which copies the batch), so torch's warning about a read-only buffer does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def permute_targets(logodds: np.ndarray, mass: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Controls: give each image another image's targets (any class, or the same class)."""
+    if mode == "none":
+        return logodds, mass
+    rng = np.random.default_rng(derive_seed(seed, 0x5EED))
+    order = np.arange(len(labels))
+    groups = [order] if mode == "images" else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for group in groups:
+        order[group] = rng.permutation(group)
+    return logodds[order], mass[order]
+
+
+@dataclass
+class ImageBatch:
+    """One training batch on the device: images and what the loss terms compare against."""
+
+    images: torch.Tensor
+    targets: Batch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def split_batch(batch: Batch, k: int) -> list[Batch]:
+    """The targets of k micro-batches (views, same order as `tensor.tensor_split(k)`)."""
+    if k == 1:
+        return [batch]
+    fields = {name: (value.tensor_split(k) if isinstance(value, torch.Tensor) else [value] * k)
+              for name, value in batch.__dict__.items()}
+    return [Batch(**{name: parts[i] for name, parts in fields.items()}) for i in range(k)]
+
+
+@TASKS.register("classification")
+class ClassificationTask(Task):
+    name: ClassVar[str] = "classification"
+    selection_metric: ClassVar[str] = "val_top1"
+
+    def __init__(self, config: Config, device: torch.device, dist: Dist) -> None:
+        super().__init__(config, device, dist)
+        self.weighted_loss = WeightedLoss(config.loss)
+        self.splits = build_splits(config.data)
+        train = self.splits["train"]
+        self.aspects = load_aspect_targets(config, train) if self.weighted_loss.needs_aspects else None
+        questions = self.aspects.questions if self.aspects else None
+        torch.manual_seed(derive_seed(config.train.seed))  # model initialisation
+        model = build_student(config.model, train.channels, train.num_classes, len(questions or []),
+                              *channel_stats(train)).to(device)
+        self.spec: InputSpec = input_spec(train, config.data.image_size, model.data_config)
+        self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
+        self.kd_teacher = self._kd_teacher(train)
+        self.dataset = SplitDataset(train, build_transform(self.spec, True, config.data.augment), self.spec)
+        self._autocast = autocast(config, device)
+
+    def _kd_teacher(self, train: ImageSplit) -> KDTeacher | None:
+        if not self.weighted_loss.needs_teacher:
+            if self.config.kd_teacher.checkpoint or self.config.kd_teacher.timm:
+                log.warning("kd_teacher is set but no loss term uses it (add loss.kd, loss.dkd or loss.lskd)")
+            return None
+        return load_kd_teacher(self.config.kd_teacher, train.class_names).to(self.device)
+
+    # -- training data --------------------------------------------------------------------------------
+    def num_train_samples(self) -> int:
+        return len(self.dataset)
+
+    def epoch_loader(self, epoch: int, local_batch: int) -> DataLoader:
+        """This process's share of the epoch: the global order is a permutation seeded by (seed, epoch);
+        process r takes every world_size-th sample, so one step's batches together form the global batch."""
+        seed, key = self.config.train.seed, self.dist.seed_key
+        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=derive_seed(seed, epoch, 1), drop_last=False)
+        return DataLoader(self.dataset, batch_size=local_batch, sampler=sampler, num_workers=self.config.data.num_workers,
+                          generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 2, *key)),
+                          worker_init_fn=seed_worker, pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def batches(self, epoch: int, local_batch: int, start_step: int) -> Iterator[ImageBatch]:
+        seed, key = self.config.train.seed, self.dist.seed_key
+        it = iter(self.epoch_loader(epoch, local_batch))
+        for _ in range(start_step):  # mid-epoch resume: replay the order, skip trained batches
+            next(it)
+        steps = math.ceil(math.ceil(len(self.dataset) / self.dist.world_size) / local_batch)
+        for step in range(start_step, steps):
+            # Augmentation without workers, and dropout in the step, draw from the global generator.
+            seed_step(derive_seed(seed, epoch, step, 3, *key), self.device)
+            x, y, rows = next(it)
+            yield self._on_device(x, y, rows)
+
+    def _on_device(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> ImageBatch:
+        """Images, labels, the rows' aspect targets and the KD teacher's logits, on the device."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        targets = Batch(labels=y.to(self.device, non_blocking=True))
+        if self.aspects is not None:
+            targets.aspect_logodds = self.aspects.logodds[rows].to(self.device)
+            targets.aspect_mass = self.aspects.mass[rows].to(self.device)
+        if self.kd_teacher is not None:
+            with self._autocast:
+                targets.teacher_logits = self.kd_teacher(x).float()
+        return ImageBatch(x, targets)
+
+    def split(self, batch: ImageBatch, parts: int) -> list[ImageBatch]:
+        if parts == 1:
+            return [batch]
+        return [ImageBatch(x, t) for x, t in zip(batch.images.tensor_split(parts), split_batch(batch.targets, parts))]
+
+    def batch_size(self, batch: ImageBatch) -> int:
+        return len(batch)
+
+    # -- loss -----------------------------------------------------------------------------------------
+    def loss_names(self) -> list[str]:
+        return [name for name, *_ in self.weighted_loss.terms]
+
+    def loss(self, net: torch.nn.Module, batch: ImageBatch, epoch: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        batch.targets.epoch = epoch
+        out = net(batch.images)
+        total, parts = self.weighted_loss(out, batch.targets)
+        return total, parts, {"correct": (out.class_logits.argmax(1) == batch.targets.labels).sum()}
+
+    def counter_names(self) -> list[str]:
+        return ["correct"]
+
+    def train_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        return {"train_top1": 100.0 * sums["correct"] / count}
+
+    # -- validation, files, report --------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        cfg = self.config
+        preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
+                        cfg.train.channels_last, cfg.data.num_workers)
+        return {"val_top1": topk_accuracy(preds.class_logits, preds.targets)}
+
+    def student_meta(self, epoch: int) -> dict[str, Any]:
+        q = self.aspects.questions if self.aspects else None
+        return {
+            "model": self.config.model.model_dump(mode="json"),
+            "input": self.spec.to_dict(),
+            "classes": self.splits["train"].class_names,
+            "questions": [{"id": x.id, "text": x.text} for x in q.questions] if q else [],
+            "question_set_hash": q.hash if q else None,
+            "epoch": epoch,
+            "run": self.config.name,
+            "config": to_dict(self.config),
+        }
+
+    def export(self, path: Path, epoch: int) -> None:
+        export_student(path, self.model, self.student_meta(epoch))
+
+    def describe_data(self) -> dict[str, Any]:
+        return describe_splits(self.splits)
+
+    def finish(self, run: Path, state: Any) -> dict[str, Any]:
+        """Test the best-on-validation and last students (class logits only; the aspect head against the teacher)."""
+        test, cfg = self.splits["test"], self.config.train
+        results: dict[str, Any] = {"name": self.config.name, "seed": cfg.seed, "best_epoch": state.best_epoch,
+                                   "val_top1_best": state.best_metric,
+                                   "val_top1_last": state.history[-1].get("val_top1")}
+        # When the last epoch is also the best one, the two files hold the same weights: evaluate once.
+        for which in ("best",) if state.best_epoch == state.epoch else ("best", "last"):
+            model, _ = load_student(run / f"{which}.safetensors")
+            model = model.to(self.device).to(memory_format=self.memory_format)
+            result = evaluate_student(model, self.spec, test, self.aspects.store if self.aspects else None,
+                                      batch_size=cfg.eval_batch_size, device=self.device, channels_last=cfg.channels_last,
+                                      num_workers=self.config.data.num_workers)
+            results.update({f"test_{k}_{which}": result.metrics[k] for k in ("top1", "top5", "ece")})
+            if "aspects" in result.metrics:
+                results[f"aspect_agreement_{which}"] = result.metrics["aspects"]
+            if which == "best":
+                np.save(run / "test_class_logits_best.npy", result.predictions.class_logits)
+        for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
+            results.setdefault(key.removesuffix("_best") + "_last", results[key])
+        write_json(run / "results.json", results)
+        write_run_report(run, self.config, results, state.history)
+        log.info("%s: test top-1 %.2f (best-on-val epoch %d), %.2f (last)", self.config.name,
+                 results["test_top1_best"], state.best_epoch, results["test_top1_last"])
+        return results
