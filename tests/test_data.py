@@ -104,3 +104,11 @@ def test_transforms_follow_the_models_data_config(tiny_imagefolder):
     assert input_spec(train, 64, timm_like).height == 64  # data.image_size wins
     with pytest.raises(MakdError, match="data.image_size: required"):
         input_spec(train, None, {})
+
+
+def test_train_complement_leaves_out_the_few_shot_subset_and_validation():
+    few = build_splits(DataConfig(train_per_class=3, val_per_class=2, test_per_class=1))
+    rest = build_splits(DataConfig(train_per_class=3, val_per_class=2, test_per_class=1, train_complement=True))
+    assert rest["val"].sample_ids == few["val"].sample_ids and rest["test"].sample_ids == few["test"].sample_ids
+    assert len(rest["train"]) == 60000 - 30 - 20
+    assert not set(rest["train"].sample_ids) & (set(few["train"].sample_ids) | set(few["val"].sample_ids))

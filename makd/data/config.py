@@ -28,6 +28,10 @@ class DataConfig(Section):
     split_seed: int = 0
     image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")
     augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = "auto"
+    crop_padding: int | None = Field(None, ge=0, description="crop_flip: zero padding (pixels) before the random "
+                                     "crop back to size; null = 1/8 of the image side")
+    train_complement: bool = Field(False, description="train on the pool minus the few-shot training subset and the "
+                                   "validation split: a KD teacher that never saw the student's images")
     num_workers: int = Field(0, ge=0)
 
     @field_validator("dataset")

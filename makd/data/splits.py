@@ -53,7 +53,18 @@ def build_splits(config: DataConfig) -> dict[str, ImageSplit]:
         val = (pool.subset(per_class_sample(pool.targets, config.val_per_class, rng, exclude=train_idx), "val")
                if val is None else _cap(val, config.val_per_class, rng))
     test = _cap(test, config.test_per_class, rng)
+    if config.train_complement:
+        train = complement(pool, train, val)
     return {"train": train, "val": val, "test": test}
+
+
+def complement(pool: ImageSplit, train: ImageSplit, val: ImageSplit) -> ImageSplit:
+    """The pool without the drawn training subset and the validation images (by sample id)."""
+    used = set(train.sample_ids) | set(val.sample_ids)
+    keep = [i for i, sid in enumerate(pool.sample_ids) if sid not in used]
+    if not keep:
+        raise MakdError("data.train_complement: the training subset and the validation split use the whole pool")
+    return pool.subset(keep, "train")
 
 
 def describe_splits(splits: dict[str, ImageSplit]) -> dict:

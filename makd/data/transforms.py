@@ -82,14 +82,15 @@ class FitSize(torch.nn.Module):
         return img if tuple(img.shape[-2:]) == self.size else v2.functional.resize(img, list(self.size), antialias=True)
 
 
-def build_transform(spec: InputSpec, train: bool, augment: str = "auto") -> torch.nn.Sequential:
+def build_transform(spec: InputSpec, train: bool, augment: str = "auto", crop_padding: int | None = None) -> torch.nn.Sequential:
     """uint8 [C, H, W] tensor -> float [C, h, w] model input, augmented when training."""
     size = (spec.height, spec.width)
     mode = v2.InterpolationMode(spec.interpolation)
     if augment == "auto":
         augment = "resized_crop_flip" if spec.resized else "crop_flip"
     if train and augment == "crop_flip":
-        steps = [FitSize(size), PadCropFlip(max(1, round(0.125 * min(size))))]
+        padding = crop_padding if crop_padding is not None else max(1, round(0.125 * min(size)))
+        steps = [FitSize(size), PadCropFlip(padding)]
     elif train and augment == "resized_crop_flip":
         steps = [v2.RandomResizedCrop(size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
     elif spec.resized:

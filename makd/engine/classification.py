@@ -116,7 +116,8 @@ class ClassificationTask(Task):
         self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format)
         self.kd_teacher = self._kd_teacher(train)
-        self.dataset = SplitDataset(train, build_transform(self.spec, True, config.data.augment), self.spec)
+        self.dataset = SplitDataset(train, build_transform(self.spec, True, config.data.augment, config.data.crop_padding),
+                                    self.spec)
         self._autocast = autocast(config, device)
 
     def _kd_teacher(self, train: ImageSplit) -> KDTeacher | None:
@@ -208,8 +209,8 @@ class ClassificationTask(Task):
             "config": to_dict(self.config),
         }
 
-    def export(self, path: Path, epoch: int) -> None:
-        export_student(path, self.model, self.student_meta(epoch))
+    def export(self, which: str, epoch: int) -> None:
+        export_student(Path(self.config.out) / f"{which}.safetensors", self.model, self.student_meta(epoch))
 
     def describe_data(self) -> dict[str, Any]:
         return describe_splits(self.splits)
@@ -219,7 +220,8 @@ class ClassificationTask(Task):
         test, cfg = self.splits["test"], self.config.train
         results: dict[str, Any] = {"name": self.config.name, "seed": cfg.seed, "best_epoch": state.best_epoch,
                                    "val_top1_best": state.best_metric,
-                                   "val_top1_last": state.history[-1].get("val_top1")}
+                                   "val_top1_last": state.history[-1].get("val_top1"),
+                                   "train_seconds": round(state.seconds, 2)}
         # When the last epoch is also the best one, the two files hold the same weights: evaluate once.
         for which in ("best",) if state.best_epoch == state.epoch else ("best", "last"):
             model, _ = load_student(run / f"{which}.safetensors")

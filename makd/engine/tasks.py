@@ -77,13 +77,27 @@ class Task:
         """Validation numbers for the epoch's row; must hold `selection_metric`."""
         raise NotImplementedError
 
-    def export(self, path: Path, epoch: int) -> None:
-        """Write the trained model file (what predict/evaluate/export read)."""
+    def export(self, which: str, epoch: int) -> None:
+        """Write the model file `<out>/<which>.safetensors` (which: best or last), what predict/evaluate/export read."""
         raise NotImplementedError
 
     def describe_data(self) -> dict[str, Any]:
         """What `splits.json` records: the exact samples of each split."""
         return {}
+
+    # -- hooks for tasks with their own bookkeeping (several runs trained as one: makd/engine/seed_batch.py) ---
+    def start(self, resumed: bool) -> None:
+        """Called once the loop has (or has not) resumed, before the first epoch."""
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        """Called with every epoch's row (after validation when there was one), before it is logged."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state saved in the training checkpoint (plain values and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved (on resume)."""
 
     def finish(self, run: Path, state: Any) -> dict[str, Any]:
         """Evaluate the best and last files on the test split; write results.json and report.md; return results."""

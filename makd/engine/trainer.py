@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ class TrainState:
     global_step: int = 0
     best_metric: float = -math.inf  # the task's selection metric (val_top1, val mAP...) of the best checkpoint
     best_epoch: int = 0
+    seconds: float = 0.0  # time spent in training epochs and validation, over every resumed part of the run
     epoch_sums: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -103,7 +105,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, task: Callable[[Config, torch.device, distributed.Dist], Task] | None = None) -> None:
+        """`task` builds the task (default: the registered `config.task`)."""
         self.config = config
         cfg = config.train
         self.run = Path(config.out)
@@ -114,7 +117,7 @@ class Trainer:
         if cfg.batch_size % (self.dist.world_size * cfg.accumulation_steps):
             raise MakdError(f"train.batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes x "
                             f"train.accumulation_steps {cfg.accumulation_steps}")
-        self.task: Task = TASKS.get(config.task)(config, self.device, self.dist)
+        self.task: Task = (task or TASKS.get(config.task))(config, self.device, self.dist)
         self.model = self.task.model
         self.net = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(config, self.model)
@@ -149,7 +152,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "schedule": {"lr": lr, "note": "lr is a pure function of global_step"},
                  "state": self.state.to_dict(), "rng": rng_states(), "world_size": self.dist.world_size,
-                 "config": to_dict(self.config)}
+                 "config": to_dict(self.config), "task": self.task.state_dict()}
         save_state(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
@@ -169,6 +172,7 @@ class Trainer:
         if "best_val_top1" in saved:  # checkpoints of makd 0.1 named the selection metric after classification
             saved["best_metric"] = saved.pop("best_val_top1")
         self.state = TrainState(**saved)
+        self.task.load_state_dict(ckpt.get("task") or {})
         if not self.dist.main:
             self.state.epoch_sums = {}  # the saved sums are already the global ones: count them once
         set_rng_states(ckpt["rng"])
@@ -243,6 +247,7 @@ class Trainer:
                 ips = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", ips=f"{ips:.0f}", refresh=False)
         elapsed = time.perf_counter() - t0
+        self.state.seconds += elapsed
         sums = self._global_sums(sums)
         seen = distributed.sum_across(self.dist, [float(seen)])[0]
         count = sums.pop("count")
@@ -255,9 +260,11 @@ class Trainer:
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg, main = self.config.train, self.dist.main
         self.run.mkdir(parents=True, exist_ok=True)
-        if not (resume and self.try_resume()) and main:
+        resumed = resume and self.try_resume()
+        if not resumed and main:
             save_config(self.config, self.run / "config.yaml")
             write_json(self.run / "splits.json", self.task.describe_data())
+        self.task.start(resumed)
         runlog = RunLog(self.run, tensorboard=cfg.tensorboard and main, wandb=self._wandb() if main else None)
         with tqdm(total=cfg.epochs, initial=self.state.epoch, desc=self.config.name, unit="ep", disable=not (cfg.progress and main),
                   leave=False) as bar:
@@ -265,6 +272,7 @@ class Trainer:
                 row = self.run_epoch(epoch, bar)
                 if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     self._validate_into(row, epoch, bar)
+                self.task.end_epoch(row)
                 self.state.history.append(row)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 if main:
@@ -273,7 +281,7 @@ class Trainer:
                 bar.update(1)
         runlog.close()
         if main:
-            self.task.export(self.run / "last.safetensors", self.state.epoch)
+            self.task.export("last", self.state.epoch)
             results = self.task.finish(self.run, self.state)
         distributed.barrier(self.dist)
         if not main:
@@ -282,11 +290,13 @@ class Trainer:
         return results
 
     def _validate_into(self, row: dict[str, Any], epoch: int, bar: tqdm) -> None:
+        start = time.perf_counter()
         row.update(self.task.validate())
+        self.state.seconds += time.perf_counter() - start
         metric = self.task.selection_metric
         if row[metric] > self.state.best_metric:
             self.state.best_metric, self.state.best_epoch = row[metric], epoch + 1
-            self.task.export(self.run / "best.safetensors", epoch + 1)
+            self.task.export("best", epoch + 1)
         bar.set_postfix(val=f"{row[metric]:.1f}", best=f"{self.state.best_metric:.1f}", ips=f"{row['images_per_s']:.0f}")
 
     def _wandb(self) -> dict[str, Any] | None:

@@ -1,30 +1,135 @@
-"""Running many training runs: each an ordinary run folder, finished ones read back instead of retrained."""
+"""`makd experiment` as a library call: plan the cells of a grid, run the missing ones, collect the results.
+
+Finished cells (a results.json written with the same config) are read back, interrupted ones resume from their
+checkpoint, a cell whose folder holds a run of another config is an error (never silently reused).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from makd.atomic import read_json
-from makd.config import Config
-from makd.engine import train
+from makd.config import Config, load_config, resolve_path, to_dict
+from makd.engine.trainer import config_changes
+from makd.errors import MakdError
+from makd.experiment.executors import EXECUTORS, Job, job_configs
+from makd.experiment.grid import Cell, Executor, Grid
+from makd.labels import LabelStore
+from makd.questions import QuestionSet
+
+log = logging.getLogger("makd.experiment")
+DONE, PARTIAL, TODO = "done", "resume", "todo"
 
 
-def train_grid(make_config: Callable[[str, int], Config], methods: list[str], seeds: int,
-               progress: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """Train every (seed, method), seed-major so an interrupted comparison has balanced partial results; a run whose
-    folder already holds results.json is read, not retrained."""
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    jobs = [(seed, method) for seed in range(seeds) for method in methods]
-    with logging_redirect_tqdm(), tqdm(jobs, desc="training", unit="run", disable=not progress) as bar:
-        for seed, method in bar:
-            config = make_config(method, seed)
-            done = Path(config.out) / "results.json"
-            result = read_json(done, "results") if done.is_file() else train(config)
-            results[method].append(result)
-            bar.set_postfix_str(f"{config.name}: {result['test_top1_best']:.2f}")
-    return results
+@dataclass
+class PlannedCell:
+    cell: Cell
+    config: Config
+    status: str
+
+    @property
+    def run(self) -> Path:
+        return Path(self.config.out)
+
+
+@dataclass
+class Outcome:
+    """What running a grid gave: a row per finished cell, and the cells that failed (with the reason)."""
+
+    plan: list[PlannedCell]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> results.json
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def status_of(config: Config) -> str:
+    run = Path(config.out)
+    saved = run / "config.yaml"
+    if saved.is_file():
+        changed = config_changes(to_dict(load_config(saved)), to_dict(config))
+        if changed:
+            raise MakdError(f"{run} holds a run with another {changed[0]}: use another grid `out`, or delete that "
+                            "folder to rerun the cell")
+    if (run / "results.json").is_file():
+        return DONE
+    return PARTIAL if (run / "checkpoints").is_dir() else TODO
+
+
+def question_subset(config: Config, size: int, seed: int, folder: Path, write: bool = True) -> tuple[str, str]:
+    """A seeded subset of `size` of the config's questions, as a question set and a label store cut from the
+    config's store (no teacher runs again); made once, reused by every cell that asks for it."""
+    questions = QuestionSet.load(resolve_path(config.questions or ""))
+    if size > len(questions):
+        raise MakdError(f"subset_questions: {size} asked, the question set {config.questions} has {len(questions)}")
+    out = folder / f"{questions.hash.split(':')[-1][:8]}-q{size}-seed{seed}"
+    chosen = sorted(np.random.default_rng(seed).choice(len(questions), size=size, replace=False).tolist())
+    subset = questions.model_copy(update={"name": f"{questions.name or 'questions'}-subset{size}",
+                                          "questions": tuple(questions.questions[i] for i in chosen)})
+    subset = type(questions).model_validate(subset.model_dump())
+    if write and not (out / "labels" / "labels.json").is_file():
+        subset.save(out / "questions.json")
+        LabelStore.open(config.labels.path).subset(subset, out / "labels")
+    return str(out / "questions.json"), str(out / "labels")
+
+
+def plan(grid: Grid, prepare: bool = True) -> list[PlannedCell]:
+    """Every cell with its resolved config and status; `prepare` writes the question subsets cells need."""
+    planned = []
+    for cell in grid.cells():
+        subset = grid.subset_setting(cell)
+        paths = None
+        if subset is not None:
+            paths = question_subset(grid.config(cell), subset.subset_questions, subset.subset_seed, grid.out / "subsets",
+                                    write=prepare)
+        config = grid.config(cell, paths)
+        planned.append(PlannedCell(cell, config, status_of(config)))
+    return planned
+
+
+def batch_jobs(cells: Sequence[PlannedCell], batch_seeds: int) -> list[Job]:
+    """Jobs of up to `batch_seeds` cells that differ only in their seed (trained as one batched model when the
+    engine can); every other cell is a job of its own."""
+    if batch_seeds <= 1:
+        return [job_configs([c.config]) for c in cells]
+    groups: dict[str, list[PlannedCell]] = {}
+    for c in cells:
+        key = c.cell.name.rsplit("-s", 1)[0]
+        groups.setdefault(key, []).append(c)
+    jobs = []
+    for members in groups.values():
+        for start in range(0, len(members), batch_seeds):
+            jobs.append(job_configs([m.config for m in members[start:start + batch_seeds]]))
+    return jobs
+
+
+def run_grid(grid: Grid, executor: Executor | None = None, progress: bool = True) -> Outcome:
+    """Run every cell not yet done; returns the results of all finished cells."""
+    executor = executor or grid.spec.executor
+    EXECUTORS.get(executor.name)  # an unknown executor fails before any work
+    planned = plan(grid)
+    outcome = Outcome(planned)
+    todo = [p for p in planned if p.status != DONE]
+    jobs = batch_jobs(todo, executor.batch_seeds)
+    log.info("%s: %d cells, %d done, %d to run (%d jobs) on %s", grid.spec.name, len(planned),
+             len(planned) - len(todo), len(todo), len(jobs), executor.name)
+    with logging_redirect_tqdm(), tqdm(total=len(todo), desc=grid.spec.name, unit="run", disable=not progress) as bar:
+        for job, results, error in EXECUTORS.get(executor.name)(jobs, executor, grid.out):
+            if error is not None:
+                for name in job.names:
+                    outcome.failed[name] = error
+                log.error("%s failed: %s", ", ".join(job.names), error)
+            bar.update(len(job.names))
+            if results:
+                bar.set_postfix_str(f"{job.names[-1]}: {results[-1].get('test_top1_best', float('nan')):.2f}")
+    for p in planned:
+        done = p.run / "results.json"
+        if done.is_file():
+            outcome.results[p.cell.name] = read_json(done, "results")
+    return outcome

@@ -30,7 +30,7 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """Backbone only: returns pooled features of size `num_features` (= 4 * width)."""
 
-    def __init__(self, depth_name: str, width: int = 16, in_chans: int = 3) -> None:
+    def __init__(self, depth_name: str, width: int = 16, in_chans: int = 3, init: str = "kaiming_fan_out") -> None:
         super().__init__()
         n = DEPTHS[depth_name]
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
@@ -41,9 +41,10 @@ class SmallResNet(nn.Module):
                 ch = out_ch
         self.layers = nn.Sequential(*layers)
         self.num_features = ch
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if init == "kaiming_fan_out":  # else PyTorch's own (Kaiming uniform, a = sqrt(5)), already in place
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)

@@ -54,7 +54,7 @@ def build_backbone(config: ModelConfig, in_chans: int) -> tuple[nn.Module, int, 
     if config.name in DEPTHS:
         if config.pretrained:
             raise MakdError(f"model.pretrained: the small ResNet {config.name} has no pretrained weights")
-        net = SmallResNet(config.name, config.width, in_chans)
+        net = SmallResNet(config.name, config.width, in_chans, config.init)
         return net, net.num_features, {}
     if config.name == efficientnet_lite.NAME:
         if isinstance(config.pretrained, str):

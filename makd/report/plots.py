@@ -95,3 +95,36 @@ def selection_scatter(report: Any, path: Path, title: str) -> None:
     ax.set(xlabel="spread of P(yes) over images", ylabel="information about the class (bits)", title=title)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def ablation_curves(curves: dict[str, list[tuple[str, dict[str, Any]]]], path: Path, axis: str, title: str) -> None:
+    """Mean paired difference (with its interval) at each value of an ablation axis, a line per method."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for method, points in curves.items():
+        labels = [v for v, _ in points]
+        try:
+            x = [float(v) for v in labels]
+        except ValueError:
+            x = list(range(len(labels)))
+            ax.set_xticks(x, labels)
+        mean = np.array([d["mean"] for _, d in points])
+        err = np.array([[d["mean"] - d["low"] for _, d in points], [d["high"] - d["mean"] for _, d in points]])
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=4, label=method)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel=axis, ylabel="Δ test top-1 (points)", title=title)
+    if all(_is_number(v) for pts in curves.values() for v, _ in pts) and min(
+            float(v) for pts in curves.values() for v, _ in pts) > 0:
+        ax.set_xscale("log", base=2)
+        values = sorted({float(v) for pts in curves.values() for v, _ in pts})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,137 @@
+"""`makd experiment`: grid expansion, cells as ordinary run folders, skip/resume, statistics and tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import PixelTeacher, make_question_set
+
+from makd.config import load_config
+from makd.data import build_splits
+from makd.data.base import ImageSplit
+from makd.errors import MakdError
+from makd.experiment.grid import Grid
+from makd.experiment.report import write_report
+from makd.experiment.runner import DONE, TODO, plan, run_grid
+from makd.labels import LabelStore, label_split
+from makd.report.compare import paired_difference
+
+TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
+        "train.epochs=2", "train.eval_every=1", "train.batch_size=8", "train.progress=false", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp-labels")
+    splits = build_splits(load_config(overrides=TINY).data)
+    questions = make_question_set(splits["train"].class_names, n=4)
+    questions.save(root / "q.json")
+    label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), PixelTeacher(), questions, root / "labels",
+                shard_size=16, progress=False)
+    return root
+
+
+def grid_file(tmp_path, labelled, **extra) -> object:
+    spec = {"name": "tiny", "out": "out", "overrides": TINY + [f"questions={labelled / 'q.json'}",
+                                                               f"labels.path={labelled / 'labels'}"],
+            "methods": {"CE": ["loss.aspect_bce.weight=0"], "MaKD": None}, "seeds": 2, **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_cells_cross_variants_methods_seeds_and_one_factor_ablations(tmp_path, labelled):
+    path = grid_file(tmp_path, labelled, variants={"width": {"w4": None, "w8": ["model.width=8"]}},
+                     ablations={"alpha": {"values": {"1": ["loss.aspect_bce.weight=1"], "8": ["loss.aspect_bce.weight=8"]},
+                                          "seeds": 1}})
+    grid = Grid.load(path)
+    names = [c.name for c in grid.cells()]
+    # 2 seeds x 2 widths x (CE, MaKD) + the ablation on MaKD only (not the reference), first seed only
+    assert len(names) == 2 * 2 * 2 + 2 * 2 and len(set(names)) == len(names)
+    assert names[:6] == ["w4-ce-s0", "w4-makd-s0", "w4-makd-alpha1-s0", "w4-makd-alpha8-s0", "w8-ce-s0", "w8-makd-s0"]
+    assert not any("alpha" in n and n.endswith("-s1") for n in names)
+    config = grid.config(next(c for c in grid.cells() if c.name == "w8-makd-alpha8-s0"))
+    assert (config.model.width, config.loss["aspect_bce"].weight, config.train.seed) == (8, 8.0, 0)
+    assert config.out == str(tmp_path / "out" / "runs" / "w8-makd-alpha8-s0") and config.name == "w8-makd-alpha8-s0"
+    ce = grid.config(next(c for c in grid.cells() if c.name == "w4-ce-s1"))
+    assert ce.loss["aspect_bce"].weight == 0 and ce.train.seed == 1 and ce.model.width == 4
+
+
+def test_bad_grids_are_one_line_errors(tmp_path, labelled):
+    with pytest.raises(MakdError, match=r"reference: 'KD' is not one of the methods"):
+        Grid.load(grid_file(tmp_path, labelled, reference="KD"))
+    with pytest.raises(MakdError, match=r"ablations.q.methods: 'LS' is not one of the methods"):
+        Grid.load(grid_file(tmp_path, labelled, ablations={"q": {"methods": ["LS"], "values": {"2": {"subset_questions": 2}}}}))
+    with pytest.raises(MakdError, match=r"ablations.q.seeds: 3 is more than the grid's 2 seeds"):
+        Grid.load(grid_file(tmp_path, labelled, ablations={"q": {"seeds": 3, "values": {"2": {"subset_questions": 2}}}}))
+
+
+def test_run_skip_report_and_refuse_a_changed_cell(tmp_path, labelled, monkeypatch):
+    path = grid_file(tmp_path, labelled, ablations={"Q": {"values": {"2": {"subset_questions": 2, "subset_seed": 3}}, "seeds": 1}})
+    grid = Grid.load(path)
+    assert {p.status for p in plan(grid, prepare=False)} == {TODO}
+    assert not (tmp_path / "out" / "subsets").exists()  # a dry plan writes nothing
+    outcome = run_grid(grid, progress=False)
+    assert set(outcome.results) == {"ce-s0", "makd-s0", "makd-q2-s0", "ce-s1", "makd-s1"} and not outcome.failed
+    # The Q ablation trained on a seeded subset of the questions, cut from the grid's label store.
+    subset_run = outcome.results["makd-q2-s0"]
+    assert len(subset_run["aspect_agreement_best"]["per_question_correlation"]) == 2
+    run_config = load_config(tmp_path / "out" / "runs" / "makd-q2-s0" / "config.yaml")
+    subset = LabelStore.open(run_config.labels.path)
+    full_ids, full, _ = LabelStore.open(labelled / "labels").read()
+    ids, part, _ = subset.read()
+    chosen = sorted(np.random.default_rng(3).choice(4, size=2, replace=False).tolist())
+    assert ids == full_ids and np.array_equal(part, full[:, chosen])
+
+    folder = write_report(grid, outcome)
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert len(rows) == 5 and {r["method"] for r in rows} == {"CE", "MaKD"}
+    by_run = {r["run"]: r for r in rows}
+    assert float(by_run["makd-s1"]["test_top1_best"]) == pytest.approx(outcome.results["makd-s1"]["test_top1_best"])
+    summary = json.loads((folder / "summary.json").read_text())
+    diff = summary["variants"]["default"]["methods"]["MaKD"]["best"]["difference"]
+    makd = [outcome.results[f"makd-s{s}"]["test_top1_best"] for s in (0, 1)]
+    ce = [outcome.results[f"ce-s{s}"]["test_top1_best"] for s in (0, 1)]
+    expected = paired_difference(makd, ce)
+    assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx((expected.mean, expected.low, expected.high))
+    tables = (folder / "tables.md").read_text()
+    assert "| MaKD | 2 |" in tables and "### Ablation: Q (default)" in tables and "| MaKD | 2 | 1 |" in tables
+    assert (folder / "tables.tex").read_text().count(r"\\") >= 2 and (folder / "ablation-Q-default.png").stat().st_size > 0
+
+    # Finished cells are read back, never retrained.
+    import makd.experiment.executors as executors
+
+    monkeypatch.setattr(executors, "train", lambda config: pytest.fail(f"retrained {config.name}"))
+    assert {p.status for p in plan(grid)} == {DONE}
+    assert set(run_grid(grid, progress=False).results) == set(outcome.results)
+    # A cell whose folder holds a run of another config is refused, not silently reused.
+    changed = Grid.load(path, ["train.epochs=3"])
+    with pytest.raises(MakdError, match=r"holds a run with another train.epochs"):
+        plan(changed)
+
+
+def test_bootstrap_and_t_intervals_of_a_paired_difference():
+    rng = np.random.default_rng(0)
+    base = rng.normal(70, 1, size=20)
+    better = base + 0.5 + rng.normal(0, 0.3, size=20)
+    d = paired_difference(better, base)
+    assert d.low > 0 and d.verdict == "better" and d.wins >= 15
+    assert d.boot_low == pytest.approx(d.low, abs=0.1) and d.boot_high == pytest.approx(d.high, abs=0.1)
+    noise = paired_difference(base + rng.normal(0, 1, size=20), base)
+    assert noise.low < 0 < noise.high and noise.verdict == "within noise"
+    worse = paired_difference(base - 2, base + rng.normal(0, 0.1, size=20))
+    assert worse.verdict == "worse"
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_cells(tmp_path, labelled):
+    pytest.importorskip("submitit")
+    path = grid_file(tmp_path, labelled, seeds=1, executor={"name": "slurm", "cluster": "local", "time_min": 10})
+    outcome = run_grid(Grid.load(path), progress=False)
+    assert set(outcome.results) == {"ce-s0", "makd-s0"} and not outcome.failed
+    assert list((tmp_path / "out" / "submitit").glob("*_log.out"))  # the jobs ran under submitit
+    assert outcome.results["makd-s0"]["aspect_agreement_best"]["num_images"] == 30
