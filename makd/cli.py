@@ -223,8 +223,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.dry_run:
         cells = plan(grid, prepare=False)
         for p in cells:
-            print(f"{p.status:>6}  {p.cell.name}  ->  {p.run}")
-        done = sum(p.status == DONE for p in cells)
+            print(f"{p.status:>6}  {p.cell.name}  ->  {p.run}" + (f"  (same config as {p.same_as})" if p.same_as else ""))
+        done = sum(p.status == DONE or p.same_as is not None for p in cells)
         print(f"{len(cells)} cells: {done} done, {len(cells) - done} to run (executor {executor.name}, "
               f"{executor.workers} worker(s), batch_seeds {executor.batch_seeds})")
         return 0

@@ -135,3 +135,25 @@ def test_submitit_local_executor_runs_the_cells(tmp_path, labelled):
     assert set(outcome.results) == {"ce-s0", "makd-s0"} and not outcome.failed
     assert list((tmp_path / "out" / "submitit").glob("*_log.out"))  # the jobs ran under submitit
     assert outcome.results["makd-s0"]["aspect_agreement_best"]["num_images"] == 30
+
+
+def test_an_ablation_value_equal_to_the_default_reuses_the_methods_cell_and_the_reference_can_be_ablated(tmp_path, labelled):
+    path = grid_file(tmp_path, labelled, seeds=1, metric="val_top1",
+                     ablations={"alpha": {"methods": ["MaKD"], "values": {"4": None, "8": ["loss.aspect_bce.weight=8"]}},
+                                "lr": {"methods": ["CE"], "values": {"0.2": ["optim.lr=0.2"]}}})
+    grid = Grid.load(path)
+    planned = {p.cell.name: p for p in plan(grid, prepare=False)}
+    assert planned["makd-alpha4-s0"].same_as == "makd-s0" and planned["makd-alpha8-s0"].same_as is None
+    outcome = run_grid(grid, progress=False)
+    assert not (tmp_path / "out" / "runs" / "makd-alpha4-s0").exists()  # not trained twice
+    folder = write_report(grid, outcome)
+    tables = (folder / "tables.md").read_text()
+    assert "validation top-1" in tables and "test top-1" not in tables
+    summary = json.loads((folder / "summary.json").read_text())["variants"]["default"]["ablations"]
+    assert set(summary["alpha"]["MaKD"]) == {"4", "8"} and set(summary["lr"]["CE"]) == {"0.2"}
+    d = summary["alpha"]["MaKD"]["4"]["best"]["difference"]  # alpha = 4 is the MaKD run itself, against CE
+    assert d["mean"] == pytest.approx(outcome.results["makd-s0"]["val_top1_best"] - outcome.results["ce-s0"]["val_top1_best"])
+    lr = summary["lr"]["CE"]["0.2"]["best"]["difference"]
+    assert lr["mean"] == pytest.approx(outcome.results["ce-lr0.2-s0"]["val_top1_best"] - outcome.results["ce-s0"]["val_top1_best"])
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert sorted(r["run"] for r in rows) == ["ce-lr0.2-s0", "ce-s0", "makd-alpha8-s0", "makd-s0"]

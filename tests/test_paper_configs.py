@@ -47,3 +47,18 @@ def test_config_is_valid_and_follows_the_recipe(dataset):
         assert config.loss["ce"].weight == 1.0 and config.loss["aspect_bce"].weight == 4.0
         assert dataset in config.labels.path and dataset in config.questions
     build_teacher(config.teacher)  # the labelling teacher's options validate (nothing is loaded)
+
+
+def test_the_paper_grid_runs_every_pair_as_the_layered_files_say():
+    from makd.experiment.grid import Grid
+
+    grid = Grid.load(PAPER / "grid.yaml")
+    cells = grid.cells()
+    assert len(cells) == len(DATASETS) * len(STUDENTS) * 2 * 3 and len({c.name for c in cells}) == len(cells)
+    cell = next(c for c in cells if c.name == "cub200-resnet34-makd-s2")
+    config = grid.config(cell)
+    expected = pair("cub200", "resnet34")
+    assert to_dict(config) == to_dict(expected.model_copy(update={"name": cell.name, "out": config.out,
+                                                                 "train": expected.train.model_copy(update={"seed": 2})}))
+    assert grid.config(next(c for c in cells if c.name == "dtd-resnet18-ce-s0")).loss["aspect_bce"].weight == 0
+    assert grid.spec.executor.name == "slurm" and grid.spec.executor.model_extra["gpus"] == 1

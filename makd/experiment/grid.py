@@ -32,7 +32,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -98,6 +98,7 @@ class GridFile(pydantic.BaseModel):
     reference: str | None = None
     seeds: int | list[int] = 5
     ablations: dict[str, Ablation] = {}
+    metric: Literal["test_top1", "test_top5", "val_top1"] = "test_top1"  # what the tables compare
     executor: Executor = Executor()
 
     @pydantic.field_validator("methods", mode="before")

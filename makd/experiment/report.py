@@ -14,6 +14,7 @@ from makd.report import plots
 from makd.report.compare import compare_methods, comparison_table
 from makd.report.tables import rows_csv
 
+LABELS = {"test_top1": "test top-1", "test_top5": "test top-5", "val_top1": "validation top-1"}
 METRICS = ("test_top1_best", "test_top1_last", "test_top5_best", "test_top5_last", "test_ece_best", "test_ece_last",
            "val_top1_best", "best_epoch", "train_seconds")
 
@@ -31,14 +32,16 @@ def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
 
 def by_method(outcome: Outcome, variant: str, ablation: tuple[str, str] | None = None,
               methods: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Results of one variant's cells by method (the ablation's cells, or the plain ones)."""
+    """Results of one variant's cells by method (the ablation's cells, or the plain ones); a cell that is the same
+    run as another (same config) reads that run's results."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for p in outcome.plan:
         c = p.cell
-        if c.variant_name != variant or c.ablation != ablation or c.name not in outcome.results:
+        run = p.same_as or c.name
+        if c.variant_name != variant or c.ablation != ablation or run not in outcome.results:
             continue
         if methods is None or c.method in methods:
-            grouped.setdefault(c.method, []).append(outcome.results[c.name])
+            grouped.setdefault(c.method, []).append(outcome.results[run])
     return grouped
 
 
@@ -46,10 +49,12 @@ def write_report(grid: Grid, outcome: Outcome) -> Path:
     """Write results.csv, tables.{md,csv,tex}, summary.json and the plots; returns the report folder."""
     spec, folder = grid.spec, grid.out / grid.spec.name
     reference = spec.reference_method
-    rows = [result_row(p.cell, outcome.results[p.cell.name]) for p in outcome.plan if p.cell.name in outcome.results]
+    rows = [result_row(p.cell, outcome.results[p.cell.name]) for p in outcome.plan
+            if p.same_as is None and p.cell.name in outcome.results]
     write_text(folder / "results.csv", rows_csv(rows) if rows else "run\n")
     variants = list(dict.fromkeys(p.cell.variant_name for p in outcome.plan))
-    lines = [f"# {spec.name}", "", f"Reference method: **{reference}**. Test top-1 (%) on class logits only; "
+    lines = [f"# {spec.name}", "", f"Reference method: **{reference}**. Compared: {LABELS[spec.metric]} (%) on class "
+             "logits only; "
              "“best on val” is the checkpoint chosen on the validation split, “last” the final epoch. Δ is the mean "
              "per-seed difference to the reference over the seeds both ran, with a 95 % Student-t interval (and a "
              "paired bootstrap one); the verdict is read off the t interval: *within noise* when it contains zero.",
@@ -61,17 +66,17 @@ def write_report(grid: Grid, outcome: Outcome) -> Path:
         results = by_method(outcome, variant)
         if not results:
             continue
-        table, numbers = comparison_table(results, reference)
+        table, numbers = comparison_table(results, reference, spec.metric, LABELS[spec.metric])
         summary["variants"][variant] = {"methods": numbers}
         lines += [f"## {variant}", "", *table, ""]
         wide.append(wide_row(variant, numbers, reference))
         slug = variant.replace("/", "-")
-        plots.accuracy_by_method({m: [r["test_top1_best"] for r in sorted(runs, key=lambda r: r["seed"])]
+        plots.accuracy_by_method({m: [r[f"{spec.metric}_best"] for r in sorted(runs, key=lambda r: r["seed"])]
                                   for m, runs in results.items()}, folder / f"seeds-{slug}.png",
-                                 f"{variant}: test top-1 per seed (best on val)")
-        lines += [f"![per-seed test top-1, {variant}](seeds-{slug}.png)", ""]
+                                 f"{variant}: {LABELS[spec.metric]} per seed (best on val)", LABELS[spec.metric])
+        lines += [f"![per-seed {LABELS[spec.metric]}, {variant}](seeds-{slug}.png)", ""]
         for axis, ablation in spec.ablations.items():
-            section = ablation_section(outcome, variant, axis, list(ablation.values), reference, folder)
+            section = ablation_section(outcome, variant, axis, list(ablation.values), reference, folder, spec.metric)
             if section:
                 summary["variants"][variant].setdefault("ablations", {})[axis] = section.pop("numbers")
                 lines += section["lines"]
@@ -121,19 +126,21 @@ def latex(rows: list[dict[str, Any]], caption: str) -> str:
 
 
 def ablation_section(outcome: Outcome, variant: str, axis: str, values: list[str], reference: str,
-                     folder: Path) -> dict[str, Any] | None:
-    """Δ vs the reference at each value of a one-factor ablation, as a table and a curve."""
+                     folder: Path, metric: str = "test_top1") -> dict[str, Any] | None:
+    """Δ vs the reference (its cells without the ablation) at each value of a one-factor ablation, as a table and a
+    curve. An ablated reference method is compared with its own default cells."""
     base = by_method(outcome, variant).get(reference, [])
     curves: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for value in values:
         for method, runs in by_method(outcome, variant, (axis, value)).items():
-            numbers = compare_methods({reference: base, method: runs}, reference)[method]
+            ablated = f"{method} ({axis} = {value})"
+            numbers = compare_methods({reference: base, ablated: runs}, reference, metric)[ablated]
             if "difference" in numbers["best"]:
                 curves.setdefault(method, []).append((value, numbers))
     if not curves:
         return None
     lines = [f"### Ablation: {axis} ({variant})", "",
-             f"| method | {axis} | seeds | test top-1, best on val | Δ vs {reference} [95% t CI] | Δ, last epoch | "
+             f"| method | {axis} | seeds | {LABELS[metric]}, best on val | Δ vs {reference} [95% t CI] | Δ, last epoch | "
              "seeds better | verdict |", "|---|---|---|---|---|---|---|---|"]
     for method, points in curves.items():
         for value, n in points:
@@ -143,7 +150,7 @@ def ablation_section(outcome: Outcome, variant: str, axis: str, values: list[str
                          f"{la['mean']:+.2f} [{la['low']:+.2f}, {la['high']:+.2f}] | {b['wins']}/{b['n']} | {b['verdict']} |")
     name = f"ablation-{axis}-{variant.replace('/', '-')}.png"
     plots.ablation_curves({m: [(v, n["best"]["difference"]) for v, n in pts] for m, pts in curves.items()},
-                          folder / name, axis, f"{variant}: Δ test top-1 vs {reference} (best on val, 95% t CI)")
+                          folder / name, axis, f"{variant}: Δ {LABELS[metric]} vs {reference} (best on val, 95% t CI)")
     lines += ["", f"![ablation {axis}]({name})", ""]
     return {"lines": lines, "numbers": {m: {v: n for v, n in pts} for m, pts in curves.items()}}
 

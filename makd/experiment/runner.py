@@ -6,6 +6,7 @@ checkpoint, a cell whose folder holds a run of another config is an error (never
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class PlannedCell:
     cell: Cell
     config: Config
     status: str
+    same_as: str | None = None  # an earlier cell with the same config (an ablation value equal to the default)
 
     @property
     def run(self) -> Path:
@@ -81,7 +83,8 @@ def question_subset(config: Config, size: int, seed: int, folder: Path, write: b
 
 def plan(grid: Grid, prepare: bool = True) -> list[PlannedCell]:
     """Every cell with its resolved config and status; `prepare` writes the question subsets cells need."""
-    planned = []
+    planned: list[PlannedCell] = []
+    seen: dict[str, PlannedCell] = {}
     for cell in grid.cells():
         subset = grid.subset_setting(cell)
         paths = None
@@ -89,7 +92,14 @@ def plan(grid: Grid, prepare: bool = True) -> list[PlannedCell]:
             paths = question_subset(grid.config(cell), subset.subset_questions, subset.subset_seed, grid.out / "subsets",
                                     write=prepare)
         config = grid.config(cell, paths)
-        planned.append(PlannedCell(cell, config, status_of(config)))
+        key = json.dumps({k: v for k, v in to_dict(config).items() if k not in ("name", "out")}, sort_keys=True)
+        if key in seen:  # e.g. alpha = 4 in an ablation whose default is 4: the method's own cell, not a new run
+            first = seen[key]
+            planned.append(PlannedCell(cell, first.config, first.status, same_as=first.cell.name))
+            continue
+        planned_cell = PlannedCell(cell, config, status_of(config))
+        seen[key] = planned_cell
+        planned.append(planned_cell)
     return planned
 
 
@@ -115,7 +125,7 @@ def run_grid(grid: Grid, executor: Executor | None = None, progress: bool = True
     EXECUTORS.get(executor.name)  # an unknown executor fails before any work
     planned = plan(grid)
     outcome = Outcome(planned)
-    todo = [p for p in planned if p.status != DONE]
+    todo = [p for p in planned if p.status != DONE and p.same_as is None]
     jobs = batch_jobs(todo, executor.batch_seeds)
     log.info("%s: %d cells, %d done, %d to run (%d jobs) on %s", grid.spec.name, len(planned),
              len(planned) - len(todo), len(todo), len(jobs), executor.name)
