@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from makd.atomic import read_json, write_json
+from makd.atomic import read_json, remove_stale_temporaries, write_json
 from makd.config import Config, load_config, resolve_path, save_config, to_dict
 from makd.data import build_splits, describe_splits
 from makd.data.base import ImageSplit
@@ -395,6 +395,8 @@ class Trainer:
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg, main = self.config.train, self.dist.main
         self.run.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run, self.checkpoint_path.parent):  # what a killed run left; live writers' files stay
+            remove_stale_temporaries(folder)
         if not (resume and self.try_resume()) and main:
             save_config(self.config, self.run / "config.yaml")
             write_json(self.run / "splits.json", describe_splits(self.splits))
