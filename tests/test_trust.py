@@ -104,6 +104,13 @@ def test_non_finite_log_odds_and_mass_outside_0_1_name_shard_sample_and_question
     assert main(["labels", "check", str(store.path)]) == 1
 
 
+def test_mass_above_one_by_rounding_is_accepted(store12):
+    """P(yes) + P(no) summed in float32 may exceed 1 by an ulp; that is a confident teacher, not a corrupt store."""
+    split, store = store12
+    rewrite_shard(store, 1, lambda ids, lo, m: (ids, lo, np.full_like(m, np.nextafter(np.float32(1), np.float32(2)))))
+    assert LabelStore.open(store.path).lookup(split.sample_ids)[1][4, 0] > 1
+
+
 def test_a_sample_with_two_rows_is_refused(store12, capsys):
     split, store = store12
     rewrite_shard(store, 1, lambda ids, lo, m: (split.sample_ids[:4], lo, m))

@@ -52,6 +52,8 @@ REQUIRED_KEYS = ("question_set_hash", "questions", "classes", "num_samples", "sa
 # What `validate_rows` checks, recorded in labels.arrow; a new value makes older tables stale (rebuilt, validated).
 VALIDATION = "1"
 MAX_LISTED = 20  # problems `labels check` prints one by one
+# P(yes) + P(no) summed in float32 (or from a server's rounded logprobs) can exceed 1 by a few ulps: not an error.
+MASS_ROUNDING = 1e-3
 
 
 def ids_hash(sample_ids: Sequence[str]) -> str:
@@ -277,7 +279,7 @@ class LabelStore:
         problems = []
         logodds, mass = self._matrix(table, "logodds"), self._matrix(table, "mass")
         for values, bad, what in ((logodds, lambda v: ~np.isfinite(v), "log-odds {} (they must be finite)"),
-                                  (mass, lambda v: ~((v >= 0) & (v <= 1)), "answer mass {}, outside [0, 1]")):
+                                  (mass, lambda v: ~((v >= 0) & (v <= 1 + MASS_ROUNDING)), "answer mass {}, outside [0, 1]")):
             flagged = bad(values)
             if flagged.any():
                 row, j = divmod(int(np.argmax(flagged.ravel())), self.num_questions)
