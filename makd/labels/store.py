@@ -275,12 +275,16 @@ class LabelStore:
         return None
 
     def _value_problems(self, table: pa.Table, shard_of_row: Callable[[int], str]) -> list[str]:
-        """The first non-finite log-odds and the first mass outside [0, 1], each as (shard, sample, question)."""
+        """The first non-finite log-odds and the first mass outside [0, 1], each as (shard, sample, question).
+
+        The minimum and maximum decide (a NaN anywhere is both); the element-wise pass runs only to find a bad one."""
         problems = []
         logodds, mass = self._matrix(table, "logodds"), self._matrix(table, "mass")
-        for values, bad, what in ((logodds, lambda v: ~np.isfinite(v), "log-odds {} (they must be finite)"),
-                                  (mass, lambda v: ~((v >= 0) & (v <= 1 + MASS_ROUNDING)), "answer mass {}, outside [0, 1]")):
-            flagged = bad(values)
+        for values, fits, what in ((logodds, np.isfinite, "log-odds {} (they must be finite)"),
+                                   (mass, lambda v: (v >= 0) & (v <= 1 + MASS_ROUNDING), "answer mass {}, outside [0, 1]")):
+            if not values.size or fits(np.array([values.min(), values.max()])).all():
+                continue
+            flagged = ~fits(values)
             if flagged.any():
                 row, j = divmod(int(np.argmax(flagged.ravel())), self.num_questions)
                 problems.append(f"{shard_of_row(row)}: sample {table.column('sample_id')[row].as_py()!r}, question "
