@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from makd import __version__
-from makd.errors import MakdError
+from makd.errors import MakdError, os_error_message
 
 log = logging.getLogger("makd")
 
@@ -58,7 +58,7 @@ def cmd_questions_show(args: argparse.Namespace) -> int:
     if qs.generation:
         print(f"source: {qs.generation.get('source', '?')}")
     for q in qs.questions:
-        print(f"  {q.id:>5}  [{q.category or '-'}]  {q.text}")
+        print(f"  {q.id:>5}  [{q.category or '-'}]  {q.text}" + (f"  (kept despite: {q.kept_despite})" if q.kept_despite else ""))
     return 0
 
 
@@ -69,9 +69,12 @@ def cmd_questions_import(args: argparse.Namespace) -> int:
         classes = [c.strip() for c in Path(args.classes_file).read_text(encoding="utf-8").splitlines() if c.strip()]
     else:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    qs = QuestionSet.from_txt(args.file, classes, name=args.name or "")
+    qs = QuestionSet.from_txt(args.file, classes, name=args.name or "", keep_invalid=args.keep_invalid)
     qs.save(args.output)
-    print(f"wrote {args.output}: {len(qs)} questions, {len(classes)} classes, hash {qs.hash}")
+    kept = [q for q in qs.questions if q.kept_despite]
+    print(f"wrote {args.output}: {len(qs)} questions, {len(classes)} classes, hash {qs.hash}"
+          + (f"; {len(kept)} kept despite the cleaning rules (flagged kept_despite): "
+             + "; ".join(f"{q.id} {q.text!r}: {q.kept_despite}" for q in kept) if kept else ""))
     return 0
 
 
@@ -122,13 +125,25 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_check(args: argparse.Namespace) -> int:
-    from makd.labels import LabelStore
+    from makd.labels import LabelStore, split_coverage
 
-    store = LabelStore.open(args.path)
+    if args.path and "=" in args.path and not Path(args.path).exists():  # `check -c my.yaml key=value`
+        args.overrides, args.path = [args.path, *args.overrides], None
+    config = _load(args) if args.config or args.overrides else None
+    path = args.path or (config.labels.path if config else None)
+    if not path:
+        raise MakdError("labels check: name the label store folder, or give the config whose labels.path it is (-c)")
+    store = LabelStore.open(path)
     coverage = store.check()
     print(f"label store {store.path} ({store.meta['teacher'].get('name', '?')}, {store.num_questions} questions)")
     print(coverage.report(args.world_size))
-    return 0 if coverage.complete else 1
+    if config is None:
+        return 0 if coverage.complete else 1
+    print(f"against the samples of {', '.join(args.config or ['the default config'])} (labels.splits {config.labels.splits}):")
+    splits = split_coverage(config, coverage.sample_ids)
+    print("\n".join(s.report() for s in splits))
+    covered = not any(s.missing for s in splits)
+    return 0 if coverage.complete and covered else 1
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
@@ -141,11 +156,16 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
+    from makd.labels import split_coverage
     from makd.labels.official import import_official
 
-    store, imported, unmatched = import_official(_load(args), args.file, args.output, overwrite=args.overwrite)
+    config = _load(args)
+    store, imported, unmatched = import_official(config, args.file, args.output, overwrite=args.overwrite)
     print(f"label store {store.path}: {imported} samples imported from {args.file}"
           + (f"; {unmatched} keys matched no sample of labels.splits and were skipped" if unmatched else ""))
+    for split in split_coverage(config, store.check().sample_ids):
+        if split.missing:
+            print(f"left without a row: {split.report()}")
     return 0
 
 
@@ -264,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--classes-file", help="file with one class name per line, in label order")
     imp.add_argument("-o", "--output", required=True, help="question-set JSON to write")
     imp.add_argument("--name", help="name of the question set")
+    imp.add_argument("--keep-invalid", action="store_true",
+                     help="keep lines the cleaning rules refuse (not a yes/no question, names a class...), each "
+                          "flagged with the reason in its kept_despite field; without it they are an error")
     imp.set_defaults(func=cmd_questions_import)
     gen = qsub.add_parser("generate", help="an LLM writes candidate questions from the class names",
                           description="The paper's generation prompt (or few-shot prompting for small models), "
@@ -294,9 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("labels", help="check, export and import label stores", formatter_class=fmt)
     lsub = ls.add_subparsers(dest="labels_command", required=True, metavar="action")
     chk = lsub.add_parser("check", help="merge check: every sample covered exactly once; list missing shards",
-                          description="Exit status 0 when the store is complete and consistent, 1 otherwise.")
-    chk.add_argument("path", help="label store folder")
+                          description="Validates every row (width, finite log-odds, mass in [0, 1], one row per "
+                                      "sample); with -c, also checks that every sample the config trains and "
+                                      "evaluates on has a row, per split. Exit status 0 when all is well, 1 otherwise.")
+    chk.add_argument("path", nargs="?", help="label store folder (default: labels.path of the config)")
     chk.add_argument("--world-size", type=int, help="also say which rank (of a --shard i/n job) owes each missing shard")
+    _config_args(chk)
     chk.set_defaults(func=cmd_labels_check)
     exp = lsub.add_parser("export", help="write the official {image_name: [p_1, ..., p_Q]} JSON")
     exp.add_argument("path", help="label store folder")
@@ -389,15 +415,36 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure a user can act on ends as one line on stderr and exit status 2."""
     args = parse(argv)
     # makd's own messages at INFO; other libraries only when something is wrong (or with --verbose).
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("makd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return args.func(args)
+        _remove_stale_temporaries(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
+        return code
     except MakdError as exc:
         print(f"makd: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `makd questions show ... | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 0
+    except OSError as exc:  # permission, a folder that is a file, a full disk, a read-only file system...
+        print(f"makd: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("makd: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+
+
+def _remove_stale_temporaries(args: argparse.Namespace) -> None:
+    """Beside a file a command writes (-o), what killed writers left; run and store folders are cleaned by the
+    training and labelling code that knows them."""
+    from makd.atomic import remove_stale_temporaries
+
+    output, out = getattr(args, "output", None), getattr(args, "out", None)  # -o FILE, or demo's --out FOLDER
+    for folder in ([Path(output).parent] if output else []) + ([Path(out)] if out else []):
+        remove_stale_temporaries(folder)

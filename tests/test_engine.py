@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_trainer import TINY, labelled  # noqa: F401  (fixture)
 
 from makd.config import KDTeacherConfig, load_config
+from makd.data import build_splits
 from makd.data.fashion_mnist import CLASSES as FMNIST_CLASSES
 from makd.engine import train
 from makd.engine.classification import split_batch
@@ -58,7 +60,14 @@ def test_split_batch_keeps_rows_together():
 def test_fp16_autocast_checkpoint_holds_the_full_training_state(tmp_path):
     config = load_config(overrides=TINY + [f"out={tmp_path}", "loss.aspect_bce.weight=0", "train.epochs=1", "train.amp=fp16"])
     results = train(config)
-    assert 0 <= results["test_top1_best"] <= 100 and 0 <= results["test_ece_best"] <= 100
+    logits = np.load(tmp_path / "test_class_logits_best.npy").astype(np.float64)
+    targets = build_splits(config.data)["test"].targets
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    confidence, correct = (p / p.sum(1, keepdims=True)).max(1), logits.argmax(1) == targets
+    assert 100 * correct.mean() == pytest.approx(results["test_top1_best"])
+    bins = [(confidence > lo) & (confidence <= lo + 1 / 15) for lo in np.arange(15) / 15]  # ECE, 15 bins (lo, hi]
+    ece = sum(b.mean() * abs(correct[b].mean() - confidence[b].mean()) for b in bins if b.any())
+    assert 100 * ece == pytest.approx(results["test_ece_best"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scaler", "schedule", "state", "rng", "config"} <= set(ckpt)
     assert ckpt["scaler"]["scale"] > 0  # fp16 uses a grad scaler, and its state is kept

@@ -159,6 +159,6 @@ def test_an_unreadable_shard_is_a_one_line_error(tmp_path, split, questions):
     label_split(split, PixelTeacher(), questions, out, shard_size=4, progress=False)
     (out / TABLE_FILE).unlink()
     (out / "shard-00001.parquet").write_bytes(b"not parquet")
-    with pytest.raises(MakdError, match=r"a shard is unreadable .*makd labels check"):
+    with pytest.raises(MakdError, match=r"shard-00001.parquet: unreadable .*makd labels check"):
         LabelStore.open(out).lookup(split.sample_ids)
     assert not (out / TABLE_FILE).exists()

@@ -154,6 +154,8 @@ def test_makd_plus_kd_is_one_config_away():
     total, parts = loss(out, batch)
     assert set(parts) == {"ce", "aspect_bce", "kd"}
     assert parts["kd"].item() == pytest.approx(np_kd(S, T_, 2.0), rel=1e-5)
-    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+    # CE + 4 · BCE(0 logits, targets sigmoid(0)) = CE + 4 log 2, + 1 · KD: not the sum of `parts`, which it is built from
+    ce = -np.log(np_softmax(S)[np.arange(2), Y]).mean()
+    assert total.item() == pytest.approx(ce + 4 * np.log(2) + np_kd(S, T_, 2.0), rel=1e-6)
     with pytest.raises(MakdError, match="loss.kd needs a KD teacher"):
         kd(KD_OUT, Batch(labels=KD_BATCH.labels))

@@ -1,4 +1,7 @@
-"""ImageFolder trees: `root/<split>/<class>/<image>`, class names from the `train` folder."""
+"""ImageFolder trees: `root/<split>/<class>/<image>`, class names from the `train` folder.
+
+A class folder without images is an error, in any split: the class would silently be one the model never
+sees (or never is tested on), while its index still counts."""
 
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ def load_imagefolder(root: str | Path, split: str, classes: list[str] | None = N
         if class_dir.name not in index:
             raise MakdError(f"{class_dir}: class {class_dir.name!r} is not among the train/ classes")
         files = sorted(f for f in class_dir.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        if not files:
+            fix = "remove its folder from every split to drop the class" if split == "train" else "remove the folder"
+            raise MakdError(f"{class_dir}: class {class_dir.name!r} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            f"add images, or {fix}")
         paths += files
         targets += [index[class_dir.name]] * len(files)
     if not paths:

@@ -2,7 +2,8 @@
 
 Paths are relative to `data.root` (default: the manifest's folder) and are the sample ids, so a label store
 made for a manifest keeps matching when the images move with it. Labels are class names, or indices into
-`data.classes`; a missing split means `train`.
+`data.classes`; a missing split means `train`. Every class of `data.classes` needs training rows: a class
+without images would silently be one the model never sees.
 """
 
 from __future__ import annotations
@@ -105,4 +106,13 @@ def load_manifest(config: DataConfig) -> Pools:
     train = split_of("train")
     if train is None:
         raise MakdError(f"{path}: no training rows (rows without a split count as train)")
+    trained = set(by_split["train"][1])
+    unseen = [name for i, name in enumerate(classes) if i not in trained]
+    if unseen:
+        anywhere = any(classes.index(unseen[0]) in by_split[s][1] for s in ("val", "test"))
+        named = "of data.classes " if config.classes is not None else ""
+        fix = "drop it from data.classes" if config.classes is not None else "remove its rows"
+        raise MakdError(f"{path}: class {unseen[0]!r} {named}has no {'training ' if anywhere else ''}images "
+                        f"({len(unseen)} such class(es): {', '.join(map(repr, unseen))}): add training rows for it, "
+                        f"or {fix}")
     return train, split_of("val"), split_of("test")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from makd.atomic import write_json
+from makd.atomic import atomic_path, write_json
 from makd.config import Config, resolve_path, to_dict
 from makd.data import build_splits, describe_splits
 from makd.data.base import ImageSplit
@@ -233,7 +233,8 @@ class ClassificationTask(Task):
             if "aspects" in result.metrics:
                 results[f"aspect_agreement_{which}"] = result.metrics["aspects"]
             if which == "best":
-                np.save(run / "test_class_logits_best.npy", result.predictions.class_logits)
+                with atomic_path(run / "test_class_logits_best.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, result.predictions.class_logits)
         for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
             results.setdefault(key.removesuffix("_best") + "_last", results[key])
         write_json(run / "results.json", results)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from makd.atomic import read_json, write_json
+from makd.atomic import read_json, remove_stale_temporaries, write_json
 from makd.config import Config, load_config, save_config, to_dict
 from makd.engine import distributed
 from makd.engine.checkpoint import load_newest_state, rng_states, save_state, set_rng_states
@@ -260,6 +260,8 @@ class Trainer:
     def fit(self, resume: bool = True) -> dict[str, Any]:
         cfg, main = self.config.train, self.dist.main
         self.run.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run, self.checkpoint_path.parent):  # what a killed run left; live writers' files stay
+            remove_stale_temporaries(folder)
         resumed = resume and self.try_resume()
         if not resumed and main:
             save_config(self.config, self.run / "config.yaml")

@@ -1,6 +1,6 @@
 """The label store: teacher log-odds and answer mass per (sample, question), in Parquet shards."""
 
-from makd.labels.job import label_from_config, label_split, samples_to_label
+from makd.labels.job import label_from_config, label_split, samples_to_label, split_coverage
 from makd.labels.store import LabelStore
 
-__all__ = ["LabelStore", "label_split", "label_from_config", "samples_to_label"]
+__all__ = ["LabelStore", "label_split", "label_from_config", "samples_to_label", "split_coverage"]

@@ -1,17 +1,21 @@
 """Labelling: score every sample of a split with a teacher into a label store (sharded, resumable), and
-`makd label` as a library call: which samples a config labels, with which teacher, into which store."""
+`makd label` as a library call: which samples a config labels, with which teacher, into which store — and
+whether a store covers the samples a config trains and evaluates on (`split_coverage`)."""
 
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from makd.atomic import atomic_path, read_json, write_json
+from makd.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
 from makd.data.base import per_class_sample
@@ -31,18 +35,54 @@ from makd.teachers import build_teacher
 from makd.teachers.base import AspectScores, Teacher, teacher_inputs
 
 
-def samples_to_label(config: Config) -> ImageSplit:
-    """The configured splits (train first), each optionally capped per class with a seeded subset."""
+def samples_by_split(config: Config, uncapped: tuple[str, ...] = ()) -> dict[str, ImageSplit]:
+    """The samples of each of labels.splits as the config builds them (train after few-shot subsetting), each
+    but the `uncapped` ones optionally capped per class by labels.max_per_class with a seeded subset."""
     splits = build_splits(config.data)
-    parts = []
+    parts = {}
     for name in config.labels.splits:
         split = splits[name]
-        cap = config.labels.max_per_class.get(name)
+        cap = None if name in uncapped else config.labels.max_per_class.get(name)
         if cap is not None:
             rng = np.random.default_rng([config.data.split_seed, 0x1A])
             split = split.subset(per_class_sample(split.targets, cap, rng, at_most=True))
-        parts.append(split)
-    return ImageSplit.concat(parts, "+".join(config.labels.splits))
+        parts[name] = split
+    return parts
+
+
+def samples_to_label(config: Config) -> ImageSplit:
+    """The configured splits (train first), each optionally capped per class with a seeded subset."""
+    return ImageSplit.concat(list(samples_by_split(config).values()), "+".join(config.labels.splits))
+
+
+@dataclass
+class SplitCoverage:
+    """How many of one split's samples have a row in a label store, and which do not."""
+
+    split: str
+    total: int
+    missing: list[str]
+    required: str  # who needs these rows
+
+    def report(self) -> str:
+        line = f"{self.split}: {self.total - len(self.missing)} of {self.total} samples have a row"
+        if not self.missing:
+            return line
+        shown = ", ".join(repr(sid) for sid in self.missing[:5]) + (", ..." if len(self.missing) > 5 else "")
+        return f"{line}; {len(self.missing)} missing ({shown}): {self.required}"
+
+
+def split_coverage(config: Config, stored_ids: pa.Array) -> list[SplitCoverage]:
+    """Per split of labels.splits: the samples that the config trains on (every training sample: `makd train`
+    looks each one up) or evaluates on (those `makd label` would label) without a row among `stored_ids`."""
+    coverage = []
+    for name, split in samples_by_split(config, uncapped=("train",)).items():
+        has_row = pc.is_in(pa.array(split.sample_ids, pa.string()), value_set=stored_ids).to_numpy(zero_copy_only=False)
+        required = ("`makd train` needs a row for every training sample" if name == "train"
+                    else f"the aspect agreement on {name} leaves them out")
+        coverage.append(SplitCoverage(name, len(split), [split.sample_ids[i] for i in np.flatnonzero(~has_row)],
+                                      f"{required}; run `makd label` with this config to label them"))
+    return coverage
 
 
 def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> LabelStore:
@@ -104,11 +144,9 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
     out.mkdir(parents=True, exist_ok=True)
     _start_or_resume(out, _metadata(split, teacher, questions, shard_size), overwrite)
     store = LabelStore.open(out)
+    remove_stale_temporaries(out)  # of killed writers; those of live workers stay
     todo = [i for i in store.missing_shards() if i % world_size == rank]
     total = sum(min(shard_size, len(split) - i * shard_size) for i in todo)
-    for index in todo:  # leftovers of a killed writer of this worker's shards
-        for stale in out.glob(f".{shard_name(index)}.*.tmp"):
-            stale.unlink()
     inputs = teacher_inputs(teacher)
     with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
         for index in todo:
@@ -130,6 +168,10 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
             flags = np.concatenate([p.flags for p in parts]) if parts[0].flags is not None else None
             table = shard_table([split.sample_ids[i] for i in rows], np.concatenate([p.logodds for p in parts]),
                                 np.concatenate([p.mass for p in parts]), flags)
+            problems = store.validate_rows([(index, table)])[1]
+            if problems:
+                raise MakdError(f"teacher {teacher.name} returned targets a label store cannot hold (not written): "
+                                f"{problems[0]}")
             with atomic_path(out / shard_name(index)) as tmp:
                 pq.write_table(table, tmp)
     if not store.missing_shards():  # the last worker to finish builds the memory-mapped table for readers

@@ -11,6 +11,12 @@ Readers never parse the shards one by one: a complete store is consolidated once
 uncompressed Arrow IPC record batch, derived from the shards and rebuilt whenever they change), which is
 memory-mapped. Loading ImageNet-scale targets is then a few milliseconds and no copy when the requested ids
 are the store's own order, and the pages are shared by every process on the machine (DDP ranks, seeds).
+
+Nothing reaches a reader unchecked (`LabelStore.validate_rows`, the one validation): every shard is checked
+when `labels.arrow` is built from it — row count, width = Q of labels.json, no missing values, finite log-odds,
+mass in [0, 1], one row per sample id, the recorded sample order — and the table records that it was
+(`makd.validated`), so a read of the mapped table only checks its layout, O(columns). `makd label` checks each
+shard before writing it, and `makd labels check` lists every problem the same function finds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import hashlib
 import logging
 import os
 import platform
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import makd
-from makd.atomic import atomic_path, read_json, write_json
+from makd.atomic import atomic_path, read_json, stale_temporaries, write_json
 from makd.errors import MakdError
 from makd.questions import QuestionSet
+from makd.questions.questionset import content_hash
 
 META_FILE = "labels.json"
 TABLE_FILE = "labels.arrow"  # consolidated, memory-mapped copy of the shards (derived; safe to delete)
@@ -40,6 +48,12 @@ FORMAT = "makd.labels/1"
 log = logging.getLogger("makd.labels")
 # Metadata that must match for a resumed job to continue an existing store.
 IDENTITY_KEYS = ("format", "question_set_hash", "teacher", "num_samples", "sample_ids_hash", "shard_size")
+REQUIRED_KEYS = ("question_set_hash", "questions", "classes", "num_samples", "sample_ids_hash", "shard_size")
+# What `validate_rows` checks, recorded in labels.arrow; a new value makes older tables stale (rebuilt, validated).
+VALIDATION = "1"
+MAX_LISTED = 20  # problems `labels check` prints one by one
+# P(yes) + P(no) summed in float32 (or from a server's rounded logprobs) can exceed 1 by a few ulps: not an error.
+MASS_ROUNDING = 1e-3
 
 
 def ids_hash(sample_ids: Sequence[str]) -> str:
@@ -77,8 +91,9 @@ class Coverage:
     num_samples: int
     num_shards: int
     missing: list[int]
-    problems: list[str]  # unreadable shards, wrong row counts, duplicated ids, ids that differ from the sample list
-    leftovers: int  # temporary files of writers that were killed (harmless; removed when their shard is redone)
+    problems: list[str]  # everything `LabelStore.validate_rows` finds, and unreadable shards
+    leftovers: int  # temporary files of writers that were killed (harmless; removed when a writer starts here)
+    sample_ids: pa.Array  # the ids of the rows present and readable (to check a config's samples against)
 
     @property
     def complete(self) -> bool:
@@ -92,9 +107,13 @@ class Coverage:
             if world_size:
                 by_rank = {r: [i for i in self.missing if i % world_size == r] for r in range(world_size)}
                 lines += [f"  rank {r}/{world_size}: {_ranges(m)}" for r, m in by_rank.items() if m]
-        lines += self.problems
+        lines += self.problems[:MAX_LISTED]
+        if len(self.problems) > MAX_LISTED:
+            lines.append(f"... and {len(self.problems) - MAX_LISTED} more problems")
+        if self.problems:
+            lines.append("delete the shards named and resume `makd label` to relabel them")
         if self.leftovers:
-            lines.append(f"{self.leftovers} temporary file(s) of interrupted writers (removed when resumed)")
+            lines.append(f"{self.leftovers} temporary file(s) of interrupted writers (removed when a writer starts here)")
         if self.complete:
             lines.append("complete: every sample covered exactly once, in the recorded sample order")
         return "\n".join(lines)
@@ -125,8 +144,16 @@ class LabelStore:
         if not (path / META_FILE).is_file():
             raise MakdError(f"{path} is not a label store (no {META_FILE}): run `makd label` first")
         meta = read_json(path / META_FILE, "label store metadata")
-        if meta.get("format") != FORMAT:
-            raise MakdError(f"{path / META_FILE}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise MakdError(f"{path / META_FILE}: unsupported format {found!r}, expected {FORMAT!r}")
+        absent = [key for key in REQUIRED_KEYS if key not in meta]
+        if absent:
+            raise MakdError(f"{path / META_FILE}: no {absent[0]!r}: damaged, or not written by makd")
+        recorded = content_hash(meta["classes"], ((q["id"], q["text"]) for q in meta["questions"]))
+        if recorded != meta["question_set_hash"]:
+            raise MakdError(f"{path / META_FILE}: its questions and classes hash to {recorded}, but it records "
+                            f"question set {meta['question_set_hash']} (edited by hand?): restore it, or relabel")
         return cls(path, meta)
 
     @property
@@ -147,32 +174,122 @@ class LabelStore:
         return [i for i in range(self.num_shards) if shard_name(i) not in present]
 
     def check(self) -> Coverage:
-        """Every shard present, readable and of the right size; every sample id exactly once; the ids in the
-        order of the sample list the job was started with (its hash is in the metadata)."""
-        size, total = self.meta["shard_size"], self.meta["num_samples"]
-        missing, problems, ids = [], [], []
-        for i in range(self.num_shards):
-            path = self.path / shard_name(i)
-            if not path.is_file():
-                missing.append(i)
-                continue
+        """The merge step of a sharded job, and a full check of what is there: missing shards, then every problem
+        `validate_rows` finds in the present ones (a complete store whose table was validated when built is
+        not read again)."""
+        files = self._shard_files()
+        missing = self.missing_shards(files)
+        table = None if missing else self._mapped_table(self._shards_key(files))
+        problems: list[str] = []
+        if table is None:
+            absent = set(missing)
+            shards, problems = self._read_shards(i for i in range(self.num_shards) if i not in absent)
+            table, found = self.validate_rows(shards)
+            problems += found
+        ids = table.column("sample_id").combine_chunks() if table is not None else pa.array([], pa.string())
+        return Coverage(self.meta["num_samples"], self.num_shards, missing, problems,
+                        len(stale_temporaries(self.path)), ids)
+
+    def _read_shards(self, indices: Iterable[int]) -> tuple[list[tuple[int, pa.Table]], list[str]]:
+        """(index, table) of each shard that reads, and a problem for each one that does not."""
+        shards, problems = [], []
+        for i in indices:
             try:
-                shard_ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+                with pq.ParquetFile(self.path / shard_name(i)) as file:
+                    shards.append((i, file.read()))
             except (OSError, pa.ArrowException) as exc:
-                problems.append(f"{path.name}: unreadable ({str(exc).splitlines()[0]}): delete it and resume")
-                continue
-            expected = min(size, total - i * size)
-            if len(shard_ids) != expected:
-                problems.append(f"{path.name}: {len(shard_ids)} rows, expected {expected}")
-            ids += shard_ids
-        seen: set[str] = set()
-        duplicated = sorted({sid for sid in ids if sid in seen or seen.add(sid)})
-        if duplicated:
-            problems.append(f"{len(duplicated)} sample id(s) appear more than once, e.g. {duplicated[0]!r}")
-        if not missing and not problems and ids_hash(ids) != self.meta["sample_ids_hash"]:
+                problems.append(f"{shard_name(i)}: unreadable ({str(exc).splitlines()[0]})")
+        return shards, problems
+
+    def validate_rows(self, shards: Sequence[tuple[int, pa.Table]]) -> tuple[pa.Table | None, list[str]]:
+        """The one validation of label rows: (the rows of the shards that pass the layout checks, as one table in
+        store order; every problem). Each problem is one line naming the shard file and, for values, the first
+        bad (sample id, question id).
+
+        Per shard: the row count its position implies; the columns and their width, which must be Q of
+        labels.json (a narrower shard would otherwise be reshaped into targets shifted across samples); no
+        missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample id; for a
+        complete store, the sample order the job was started with."""
+        problems, good = [], []
+        for index, table in shards:
+            problem = self._layout_problem(shard_name(index), table, self._expected_rows(index))
+            if problem is None and good and table.column_names != good[0][1].column_names:
+                problem = (f"{shard_name(index)}: columns {table.column_names} differ from "
+                           f"{shard_name(good[0][0])}'s {good[0][1].column_names}")
+            if problem is None:
+                good.append((index, table.replace_schema_metadata()))
+            else:
+                problems.append(problem)
+        if not good:
+            return None, problems
+        table = pa.concat_tables([t for _, t in good]).combine_chunks()
+        starts = np.cumsum([0] + [t.num_rows for _, t in good])[:-1]
+
+        def shard_of_row(row: int) -> str:
+            return shard_name(good[int(np.searchsorted(starts, row, side="right")) - 1][0])
+
+        problems += self._value_problems(table, shard_of_row)
+        ids = table.column("sample_id").to_pylist()
+        if len(set(ids)) != len(ids):
+            problems.append(_duplicates(ids, shard_of_row))
+        elif len(good) == self.num_shards and not problems and ids_hash(ids) != self.meta["sample_ids_hash"]:
             problems.append("the sample ids differ from the sample list the job was started with")
-        leftovers = len(list(self.path.glob(".shard-*.tmp")))
-        return Coverage(total, self.num_shards, missing, problems, leftovers)
+        return table, problems
+
+    def _expected_rows(self, index: int) -> int:
+        return min(self.meta["shard_size"], self.meta["num_samples"] - index * self.meta["shard_size"])
+
+    def _layout_problem(self, name: str, table: pa.Table, rows: int) -> str | None:
+        """Row count, columns, types, width and missing values of one shard (or the consolidated table): O(columns)."""
+        if table.num_rows != rows:
+            return f"{name}: {table.num_rows} rows, expected {rows}"
+        q, ids = self.num_questions, self.meta["questions"]
+        if "sample_id" not in table.column_names or table.column("sample_id").type != pa.string():
+            return f"{name}: no sample_id column of strings"
+        sample_ids = table.column("sample_id")
+        if sample_ids.null_count:
+            return f"{name}: row {_first(pc.is_null(sample_ids))} has no sample id"
+        columns = {"logodds": pa.float32(), "mass": pa.float32()}
+        if "flags" in table.column_names:
+            columns["flags"] = pa.uint8()
+        for column, value_type in columns.items():
+            kind = pa.list_(value_type, q)
+            if column not in table.column_names:
+                return f"{name}: no {column} column"
+            found = table.column(column).type
+            if pa.types.is_fixed_size_list(found) and found.value_type == value_type and found.list_size != q:
+                first = sample_ids[0].as_py() if rows else None
+                gap = (f"no value for question {ids[found.list_size]['id']}" if found.list_size < q
+                       else f"{found.list_size - q} value(s) after the last question {ids[-1]['id']}")
+                return (f"{name}: rows hold {found.list_size} {column} values but labels.json lists {q} questions "
+                        f"(sample {first!r} has {gap}): the shard was written for another question set")
+            if found != kind:
+                return f"{name}: column {column} is {found}, expected {kind}"
+            values = _one_chunk(table.column(column))
+            if values.null_count:
+                return f"{name}: sample {sample_ids[_first(pc.is_null(values))].as_py()!r} has no {column} values"
+            flat = values.flatten()
+            if flat.null_count:
+                row, j = divmod(_first(pc.is_null(flat)), q)
+                return f"{name}: sample {sample_ids[row].as_py()!r} has no {column} for question {ids[j]['id']}"
+        return None
+
+    def _value_problems(self, table: pa.Table, shard_of_row: Callable[[int], str]) -> list[str]:
+        """The first non-finite log-odds and the first mass outside [0, 1], each as (shard, sample, question).
+
+        The minimum and maximum decide (a NaN anywhere is both); the element-wise pass runs only to find a bad one."""
+        problems = []
+        logodds, mass = self._matrix(table, "logodds"), self._matrix(table, "mass")
+        for values, fits, what in ((logodds, np.isfinite, "log-odds {} (they must be finite)"),
+                                   (mass, lambda v: (v >= 0) & (v <= 1 + MASS_ROUNDING), "answer mass {}, outside [0, 1]")):
+            if not values.size or fits(np.array([values.min(), values.max()])).all():
+                continue
+            flagged = ~fits(values)
+            if flagged.any():
+                row, j = divmod(int(np.argmax(flagged.ravel())), self.num_questions)
+                problems.append(f"{shard_of_row(row)}: sample {table.column('sample_id')[row].as_py()!r}, question "
+                                f"{self.meta['questions'][j]['id']}: " + what.format(values[row, j]))
+        return problems
 
     def check_questions(self, questions: QuestionSet, source: str = "the question set") -> None:
         if questions.hash != self.meta["question_set_hash"]:
@@ -180,61 +297,67 @@ class LabelStore:
                 f"label store {self.path} was made for question set {self.meta['question_set_hash']}, "
                 f"but {source} has hash {questions.hash}: relabel, or use the question set it was made with")
 
-    def _complete_shards(self, doing: str) -> list[os.stat_result]:
-        """The stat of every shard, in order; an error naming the first missing one when the store is incomplete."""
+    def _complete_shards(self, doing: str) -> dict[str, os.stat_result]:
+        """The present shard files; an error naming the first missing one when the store is incomplete."""
         files = self._shard_files()
         missing = self.missing_shards(files)
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
                             f"(first: {shard_name(missing[0])}); resume `makd label` before {doing}")
-        return [files[shard_name(i)] for i in range(self.num_shards)]
+        return files
 
-    def _shards_key(self) -> str:
-        """Identifies the shards' current files (every write is a rename: a new inode) and the store's identity."""
-        parts = [str(self.meta.get(k)) for k in IDENTITY_KEYS]
-        parts += [f"{i}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-                  for i, st in enumerate(self._complete_shards("reading it"))]
+    def _shards_key(self, files: dict[str, os.stat_result]) -> str:
+        """Identifies the shards' current files (every write is a rename: a new inode), the store's identity and
+        what validation they passed."""
+        parts = [str(self.meta.get(k)) for k in IDENTITY_KEYS] + [f"validation {VALIDATION}"]
+        stats = (files[shard_name(i)] for i in range(self.num_shards))
+        parts += [f"{i}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" for i, st in enumerate(stats)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _mapped_table(self, key: str) -> pa.Table | None:
-        """labels.arrow, memory-mapped, if it was built from the shards as they are now."""
+        """labels.arrow, memory-mapped, if it was built and validated from the shards as they are now."""
         path = self.path / TABLE_FILE
         if not path.is_file():
             return None
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
-            if (reader.schema.metadata or {}).get(b"makd.shards") != key.encode() or reader.num_record_batches != 1:
+            metadata = reader.schema.metadata or {}
+            if (metadata.get(b"makd.shards") != key.encode() or metadata.get(b"makd.validated") != VALIDATION.encode()
+                    or reader.num_record_batches != 1):
                 return None
-            return pa.Table.from_batches([reader.get_batch(0)])
+            table = pa.Table.from_batches([reader.get_batch(0)])
         except (OSError, pa.ArrowException):
             return None  # damaged: rebuilt from the shards
+        if self._layout_problem(TABLE_FILE, table, self.meta["num_samples"]) is not None:
+            return None  # not what was validated: rebuilt (and validated) from the shards
+        return table
 
     def consolidate(self) -> pa.Table:
-        """All rows in store order as one table, memory-mapped from labels.arrow (built when missing or stale).
+        """All rows in store order as one validated table, memory-mapped from labels.arrow (built when missing
+        or stale, after `validate_rows` found nothing; any problem is a one-line error naming the shard).
 
         Called when `makd label` completes a store, and by every reader; a read-only store folder still works
-        (the shards are then read into memory each time)."""
-        key = self._shards_key()
+        (the shards are then read and validated into memory each time)."""
+        key = self._shards_key(self._complete_shards("reading it"))
         table = self._mapped_table(key)
         if table is not None:
             return table
-        try:
-            shards = pq.read_table([str(self.path / shard_name(i)) for i in range(self.num_shards)]).combine_chunks()
-        except (OSError, pa.ArrowException) as exc:
-            raise MakdError(f"label store {self.path}: a shard is unreadable ({str(exc).splitlines()[0]}); "
-                            f"`makd labels check {self.path}` names it") from None
-        if shards.num_rows != self.meta["num_samples"]:
-            raise MakdError(f"label store {self.path}: {shards.num_rows} rows, metadata says {self.meta['num_samples']}")
-        shards = shards.replace_schema_metadata({"makd.shards": key})
+        shards, problems = self._read_shards(range(self.num_shards))
+        table, found = self.validate_rows(shards)
+        problems += found
+        if problems:
+            more = f"; {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+            raise MakdError(f"label store {self.path}: {problems[0]}{more}: delete the shards named and resume "
+                            f"`makd label` to relabel them (`makd labels check {self.path}` lists every problem)")
+        table = table.replace_schema_metadata({"makd.shards": key, "makd.validated": VALIDATION})
         try:
             with atomic_path(self.path / TABLE_FILE) as tmp:
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, shards.schema) as writer:
-                    writer.write_table(shards, max_chunksize=max(1, shards.num_rows))
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table, max_chunksize=max(1, table.num_rows))
         except OSError as exc:
-            log.warning("could not write %s (%s): reading the shards into memory instead",
-                        self.path / TABLE_FILE, exc)
-            return shards
-        return self._mapped_table(key) or shards
+            log.warning("could not write %s (%s): reading the shards into memory instead", self.path / TABLE_FILE, exc)
+            return table
+        return self._mapped_table(key) or table
 
     def _matrix(self, table: pa.Table, name: str) -> np.ndarray:
         """[N, Q] view of a fixed-size-list column (zero-copy for the single-chunk consolidated table)."""
@@ -261,19 +384,19 @@ class LabelStore:
             columns.append(index[q.id][0])
         if list(questions.classes) != self.meta["classes"]:
             raise MakdError(f"the question set's classes differ from those of label store {self.path}")
-        self._complete_shards("taking a subset")
+        table = self.consolidate()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META_FILE, {**self.meta, "question_set_hash": questions.hash,
                                      "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
                                      "derived_from": {"path": str(self.path),
                                                       "question_set_hash": self.meta["question_set_hash"]}})
-        take = np.asarray(columns)
+        take, size = np.asarray(columns), self.meta["shard_size"]
         for i in range(self.num_shards):
-            table = pq.read_table(self.path / shard_name(i))
-            matrices = {name: self._matrix(table, name)[:, take] for name in ("logodds", "mass", "flags")
-                        if name in table.column_names}
-            subset = shard_table(table.column("sample_id").to_pylist(), matrices["logodds"], matrices["mass"],
+            part = table.slice(i * size, size)
+            matrices = {name: self._matrix(part, name)[:, take] for name in ("logodds", "mass", "flags")
+                        if name in part.column_names}
+            subset = shard_table(part.column("sample_id").to_pylist(), matrices["logodds"], matrices["mass"],
                                  matrices.get("flags"))
             with atomic_path(out / shard_name(i)) as tmp:
                 pq.write_table(subset, tmp)
@@ -316,6 +439,23 @@ class LabelStore:
             return np.arange(len(sample_ids)), logodds, mass
         positions = np.flatnonzero(rows >= 0)
         return positions, _read_only(logodds[rows[positions]]), _read_only(mass[rows[positions]])
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+    """Index of the first true value of a boolean array."""
+    return int(np.argmax(np.asarray(mask)))
+
+
+def _duplicates(ids: list[str], shard_of_row: Callable[[int], str]) -> str:
+    """How many ids have more than one row, and where the first one's two rows are."""
+    first_row: dict[str, int] = {}
+    example = None
+    for row, sid in enumerate(ids):
+        if sid in first_row and example is None:
+            example = (sid, shard_of_row(first_row[sid]), shard_of_row(row))
+        first_row.setdefault(sid, row)
+    count = sum(1 for n in Counter(ids).values() if n > 1)
+    return f"{count} sample id(s) appear more than once, e.g. {example[0]!r} in {example[1]} and {example[2]}"
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:

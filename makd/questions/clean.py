@@ -43,14 +43,16 @@ class Candidate:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def extract_candidates(raw: str, origin: str) -> list[Candidate]:
-    """Question-like spans: list items (numbered or bulleted), and every '...?' sentence in prose."""
+def extract_candidates(raw: str, origin: str, one_per_line: bool = False) -> list[Candidate]:
+    """Question-like spans: list items (numbered or bulleted), and every '...?' sentence in prose; with
+    `one_per_line` (a file of one question per line), each non-empty line as it is, so that a line holding
+    two questions or none is judged (and reported) as the line the user wrote."""
     found: list[Candidate] = []
     for line_no, line in enumerate(raw.splitlines(), start=1):
         line = LIST_MARKER.sub("", line.strip()).strip().strip('"“”').strip()
         if not line:
             continue
-        spans = [s.strip() for s in QUESTION_SPAN.findall(line)]
+        spans = [] if one_per_line else [s.strip() for s in QUESTION_SPAN.findall(line)]
         if not spans:  # keep non-questions too, to report why they were dropped
             spans = [line]
         for span in spans:
@@ -120,17 +122,18 @@ class CleaningResult:
 
 def clean(responses: Sequence[tuple[str, str]], classes: Sequence[str],
           embed: Callable[[list[str]], np.ndarray] | None = None, similarity: float = 0.9,
-          already: Sequence[str] = ()) -> CleaningResult:
+          already: Sequence[str] = (), one_per_line: bool = False) -> CleaningResult:
     """Parse `(origin, raw text)` responses into accepted questions, in order of first appearance.
 
     Exact duplicates (after `normalise`) are dropped; with `embed` (unit-norm sentence embeddings), so are
     paraphrases whose cosine similarity to an earlier accepted question is at least `similarity`.
-    `already` holds questions accepted earlier (e.g. in previous sampling rounds).
+    `already` holds questions accepted earlier (e.g. in previous sampling rounds). `one_per_line` judges
+    whole lines (imported question files) instead of the question spans found in free text.
     """
     result = CleaningResult()
     seen = {normalise(q): q for q in already}
     for origin, raw in responses:
-        for cand in extract_candidates(raw, origin):
+        for cand in extract_candidates(raw, origin, one_per_line):
             result.candidates.append(cand)
             cand.reason, cand.detail = rejection_reason(cand.text, classes) or (None, None)
             if cand.reason is None and normalise(cand.text) in seen:

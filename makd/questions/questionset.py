@@ -1,13 +1,15 @@
 """The question-set file: class list + question records, identified by a content hash.
 
 The hash covers only what changes teacher targets (classes, question ids and texts), so editing a
-question's category or reference answers does not invalidate a label store.
+question's category or reference answers does not invalidate a label store. A set never holds the same
+question twice (texts compared after `clean.normalise`: case, spaces, punctuation, "the item"/"it").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from makd.atomic import read_json, write_json
 from makd.errors import MakdError
+from makd.questions.clean import clean, normalise
 from makd.validation import validate
 
 FORMAT = "makd.questions/1"
@@ -30,6 +33,15 @@ class Question(BaseModel):
     source: str | None = None
     # Hand-written per-class answers (0 = no, 1 = yes, 0.5 = depends): ground truth for judging a teacher.
     class_answers: dict[str, float] | None = None
+    # Why the cleaning rules would refuse it, for a question imported anyway (`questions import --keep-invalid`).
+    kept_despite: str | None = None
+
+
+def content_hash(classes: Sequence[str], questions: Iterable[tuple[str, str]]) -> str:
+    """The hash of what changes teacher targets: the class list and the (id, text) of every question, in order.
+    A label store records it, and checks its own question list against it."""
+    payload = {"classes": list(classes), "questions": [[qid, text] for qid, text in questions]}
+    return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 class QuestionSet(BaseModel):
@@ -49,10 +61,14 @@ class QuestionSet(BaseModel):
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("class names must be unique")
         seen: set[str] = set()
+        texts: dict[str, str] = {}
         for i, q in enumerate(self.questions):
             if q.id in seen:
                 raise ValueError(f"questions[{i}]: duplicate id {q.id!r}")
             seen.add(q.id)
+            same = texts.setdefault(normalise(q.text), q.id)
+            if same != q.id:
+                raise ValueError(f"questions[{i}] ({q.id}): the same question as {same} ({q.text!r}); keep one of them")
             for cls, value in (q.class_answers or {}).items():
                 if cls not in self.classes:
                     raise ValueError(f"questions[{i}] ({q.id}): class_answers names unknown class {cls!r}")
@@ -73,9 +89,7 @@ class QuestionSet(BaseModel):
 
     @property
     def hash(self) -> str:
-        payload = {"classes": list(self.classes), "questions": [[q.id, q.text] for q in self.questions]}
-        digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
-        return f"sha256:{digest[:16]}"
+        return content_hash(self.classes, ((q.id, q.text) for q in self.questions))
 
     def reference_answers(self) -> np.ndarray:
         """[C, Q] hand-written answers, NaN where none was given."""
@@ -97,24 +111,49 @@ class QuestionSet(BaseModel):
         return validate(cls, read_json(path, "question set"), str(path))
 
     @classmethod
-    def from_txt(cls, path: str | Path, classes: list[str], name: str = "") -> "QuestionSet":
-        """Import the official code's one-question-per-line file."""
+    def from_txt(cls, path: str | Path, classes: list[str], name: str = "", keep_invalid: bool = False) -> "QuestionSet":
+        """Import the official code's one-question-per-line file through the cleaning rules that generated
+        questions pass (`questions/clean.py`, each line judged whole). Lines that are not single yes/no
+        questions about the image (or that name a class) are refused, all listed with line number, text and
+        reason — or, with `keep_invalid`, kept with the reason in `kept_despite`. A repeated question is
+        always refused: one question cannot be two aspects."""
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise MakdError(f"cannot read question list {path}: {exc}") from None
-        texts = [line.strip() for line in lines if line.strip()]
-        if not texts:
+        candidates = clean([(path.name, text)], classes, one_per_line=True).candidates
+        if not candidates:
             raise MakdError(f"{path}: no questions found")
-        width = len(str(len(texts)))
+        first_line: dict[str, str] = {}
+        repeated = []
+        for c in candidates:  # valid or not: a kept line must not repeat another either
+            line = c.origin.rsplit(":", 1)[1]
+            earlier = first_line.setdefault(normalise(c.text), line)
+            if earlier != line:
+                repeated.append(f"line {line} {c.text!r} repeats line {earlier}")
+        if repeated:
+            raise MakdError(f"{path}: {'; '.join(repeated)}: remove the repeats")
+        refused = [c for c in candidates if not c.accepted]
+        if refused and not keep_invalid:
+            listing = "; ".join(f"line {c.origin.rsplit(':', 1)[1]} {c.text!r}: {verdict(c.reason, c.detail)}"
+                                for c in refused)
+            raise MakdError(f"{path}: {len(refused)} of {len(candidates)} lines are not usable yes/no questions "
+                            f"({listing}); rewrite or remove them, or keep them flagged with --keep-invalid")
+        width = len(str(len(candidates)))
         data = {
             "name": name or path.stem,
             "classes": classes,
-            "generation": {"source": f"imported from {path.name}"},
+            "generation": {"source": f"imported from {path.name}", "kept_despite_cleaning": len(refused)},
             "questions": [
-                {"id": f"q{i + 1:0{width}d}", "text": text, "source": f"{path.name}:{i + 1}"}
-                for i, text in enumerate(texts)
+                {"id": f"q{i + 1:0{width}d}", "text": c.text, "source": f"{path.name}:{i + 1}",
+                 **({} if c.accepted else {"kept_despite": verdict(c.reason, c.detail)})}
+                for i, c in enumerate(candidates)
             ],
         }
         return validate(cls, data, str(path))
+
+
+def verdict(reason: str | None, detail: str | None) -> str:
+    """'not a yes/no question', or 'compound (alternatives joined by 'or')'."""
+    return f"{reason} ({detail})" if detail else str(reason)
