@@ -16,6 +16,7 @@ from makd.data.transforms import InputSpec, SplitDataset, build_transform
 from makd.errors import MakdError
 from makd.labels import LabelStore
 from makd.models import Student, load_student
+from makd.models.stacked import StackedStudent
 
 
 @dataclass
@@ -25,9 +26,20 @@ class Predictions:
     targets: np.ndarray  # [N]
 
 
-@torch.inference_mode()
 def predict(model: Student, split: ImageSplit, spec: InputSpec, batch_size: int = 512, device: str | torch.device = "cpu",
             channels_last: bool = False, num_workers: int = 0) -> Predictions:
+    return _predict(model, None, split, spec, batch_size, device, channels_last, num_workers)[0]
+
+
+def predict_members(stacked: StackedStudent, split: ImageSplit, spec: InputSpec, batch_size: int = 512,
+                    device: str | torch.device = "cpu", num_workers: int = 0) -> list[Predictions]:
+    """Each member of a stacked student on the same images, in one pass (what seed batches validate and test with)."""
+    return _predict(stacked, stacked.members, split, spec, batch_size, device, False, num_workers)
+
+
+@torch.inference_mode()
+def _predict(model: torch.nn.Module, members: int | None, split: ImageSplit, spec: InputSpec, batch_size: int,
+             device: str | torch.device, channels_last: bool, num_workers: int) -> list[Predictions]:
     loader = DataLoader(SplitDataset(split, build_transform(spec, train=False), spec), batch_size=batch_size,
                         num_workers=num_workers)
     was_training = model.training
@@ -37,13 +49,16 @@ def predict(model: Student, split: ImageSplit, spec: InputSpec, batch_size: int 
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)
-        class_parts.append(out.class_logits.float().cpu())
+        out = model(x) if members is None else model(x.unsqueeze(0).expand(members, *x.shape))
+        lead = (lambda t: t.unsqueeze(0)) if members is None else (lambda t: t)  # [K, B, ...] either way
+        class_parts.append(lead(out.class_logits).float().cpu())
         if out.aspect_logits is not None:
-            aspect_parts.append(out.aspect_logits.float().cpu())
+            aspect_parts.append(lead(out.aspect_logits).float().cpu())
     model.train(was_training)
-    return Predictions(torch.cat(class_parts).numpy(), torch.cat(aspect_parts).numpy() if aspect_parts else None,
-                       split.targets.copy())
+    classes = torch.cat(class_parts, dim=1).numpy()
+    aspects = torch.cat(aspect_parts, dim=1).numpy() if aspect_parts else None
+    return [Predictions(classes[k], None if aspects is None else aspects[k], split.targets.copy())
+            for k in range(len(classes))]
 
 
 def topk_accuracy(class_logits: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
@@ -146,12 +161,17 @@ def evaluate_student(model: Student, spec: InputSpec, split: ImageSplit, teacher
     answers on the samples the label store covers (a subset is enough). Used by training, `makd evaluate` and
     the demo."""
     preds = predict(model, split, spec, batch_size, device, channels_last, num_workers)
+    return Evaluation(score_predictions(preds, split, teacher), preds)
+
+
+def score_predictions(preds: Predictions, split: ImageSplit, teacher: LabelStore | None = None) -> dict:
+    """Class metrics of predictions on `split` and, where the label store has rows, the aspect head's agreement."""
     metrics: dict = {"split": split.name, "num_images": len(split), **class_metrics(preds)}
     if preds.aspect_logits is not None and teacher is not None:
         positions, logodds, _ = teacher.available(split.sample_ids)
         if len(positions):
             metrics["aspects"] = aspect_report(preds.aspect_logits[positions], logodds)
-    return Evaluation(metrics, preds)
+    return metrics
 
 
 def evaluate_file(model_path: str, split: str = "test", labels: str | None = None,

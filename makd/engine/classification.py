@@ -24,7 +24,7 @@ from makd.engine.distributed import Dist
 from makd.engine.seeding import derive_seed, seed_step, seed_worker
 from makd.engine.tasks import TASKS, Task, autocast
 from makd.errors import MakdError
-from makd.evaluate import evaluate_student, predict, topk_accuracy
+from makd.evaluate import Predictions, evaluate_student, predict, score_predictions, topk_accuracy
 from makd.labels import LabelStore
 from makd.losses import Batch, WeightedLoss
 from makd.models import build_student, export_student, load_student
@@ -215,26 +215,33 @@ class ClassificationTask(Task):
     def describe_data(self) -> dict[str, Any]:
         return describe_splits(self.splits)
 
-    def finish(self, run: Path, state: Any) -> dict[str, Any]:
-        """Test the best-on-validation and last students (class logits only; the aspect head against the teacher)."""
+    def finish(self, run: Path, state: Any, predictions: dict[str, Predictions] | None = None) -> dict[str, Any]:
+        """Test the best-on-validation and last students (class logits only; the aspect head against the teacher).
+        `predictions` of the two files on the test split may be given (a seed batch computes them all at once)."""
         test, cfg = self.splits["test"], self.config.train
+        teacher = self.aspects.store if self.aspects else None
         results: dict[str, Any] = {"name": self.config.name, "seed": cfg.seed, "best_epoch": state.best_epoch,
                                    "val_top1_best": state.best_metric,
                                    "val_top1_last": state.history[-1].get("val_top1"),
                                    "train_seconds": round(state.seconds, 2)}
         # When the last epoch is also the best one, the two files hold the same weights: evaluate once.
         for which in ("best",) if state.best_epoch == state.epoch else ("best", "last"):
-            model, _ = load_student(run / f"{which}.safetensors")
-            model = model.to(self.device).to(memory_format=self.memory_format)
-            result = evaluate_student(model, self.spec, test, self.aspects.store if self.aspects else None,
-                                      batch_size=cfg.eval_batch_size, device=self.device, channels_last=cfg.channels_last,
-                                      num_workers=self.config.data.num_workers)
-            results.update({f"test_{k}_{which}": result.metrics[k] for k in ("top1", "top5", "ece")})
-            if "aspects" in result.metrics:
-                results[f"aspect_agreement_{which}"] = result.metrics["aspects"]
+            if predictions is not None:
+                preds = predictions[which]
+                metrics = score_predictions(preds, test, teacher)
+            else:
+                model, _ = load_student(run / f"{which}.safetensors")
+                model = model.to(self.device).to(memory_format=self.memory_format)
+                result = evaluate_student(model, self.spec, test, teacher, batch_size=cfg.eval_batch_size,
+                                          device=self.device, channels_last=cfg.channels_last,
+                                          num_workers=self.config.data.num_workers)
+                preds, metrics = result.predictions, result.metrics
+            results.update({f"test_{k}_{which}": metrics[k] for k in ("top1", "top5", "ece")})
+            if "aspects" in metrics:
+                results[f"aspect_agreement_{which}"] = metrics["aspects"]
             if which == "best":
                 with atomic_path(run / "test_class_logits_best.npy") as tmp, open(tmp, "wb") as f:
-                    np.save(f, result.predictions.class_logits)
+                    np.save(f, preds.class_logits)
         for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
             results.setdefault(key.removesuffix("_best") + "_last", results[key])
         write_json(run / "results.json", results)

@@ -28,8 +28,9 @@ from makd.engine.runlog import RunLog
 from makd.engine.tasks import Task
 from makd.engine.trainer import Trainer
 from makd.errors import MakdError
+from makd.evaluate import predict_members, topk_accuracy
 from makd.losses import Batch
-from makd.models import StudentOutput
+from makd.models import StudentOutput, load_student
 from makd.models.stacked import stack_students
 
 log = logging.getLogger("makd.train")
@@ -115,7 +116,11 @@ class SeedBatchTask(Task):
 
     # -- validation and the members' bookkeeping ------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        scores = [self._member_view(k, t).validate()["val_top1"] for k, t in enumerate(self.tasks)]
+        first = self.tasks[0]
+        cfg = first.config
+        preds = predict_members(self.model, first.splits["val"], first.spec, cfg.train.eval_batch_size, self.device,
+                                cfg.data.num_workers)  # the members share the split: one pass for all of them
+        scores = [topk_accuracy(p.class_logits, p.targets) for p in preds]
         return {**{f"val_top1@{k}": s for k, s in enumerate(scores)}, "val_top1_mean": sum(scores) / len(scores)}
 
     def _member_view(self, k: int, task: ClassificationTask) -> ClassificationTask:
@@ -156,12 +161,21 @@ class SeedBatchTask(Task):
                 self._member_view(k, task).export("last", epoch)
 
     def finish(self, run: Path, state: Any) -> dict[str, Any]:
+        """Each member's report, from one stacked pass over the test split per checkpoint (best, last)."""
         for runlog in self.logs:
             runlog.close()
+        first = self.tasks[0]
+        predictions: dict[str, list] = {}
+        for which in ("best", "last"):
+            students = [load_student(Path(t.config.out) / f"{which}.safetensors")[0] for t in self.tasks]
+            stack = stack_students(students, check=False).to(self.device)
+            predictions[which] = predict_members(stack, first.splits["test"], first.spec, first.config.train.eval_batch_size,
+                                                 self.device, first.config.data.num_workers)
         results = []
         for k, (task, member) in enumerate(zip(self.tasks, self.states)):
             member.seconds = state.seconds / len(self.tasks)
-            results.append(self._member_view(k, task).finish(Path(task.config.out), member))
+            results.append(self._member_view(k, task).finish(Path(task.config.out), member,
+                                                             {w: p[k] for w, p in predictions.items()}))
         write_json(run / "results.json", {"members": results})
         return {"members": results}
 
