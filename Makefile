@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 LOG := $(VENV)/install.log
 QUIET := >>$(LOG) 2>&1 || { cat $(LOG); echo "error: installation failed (log: $(LOG))"; exit 1; }
 
-.PHONY: demo test setup data bench clean
+.PHONY: demo test setup data bench evidence clean
 
 demo: setup data
 	$(BIN)/makd demo
@@ -44,3 +44,7 @@ bench: setup data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The evidence behind docs/evidence.md: hours on 2 CPU cores; resumes where it stopped.
+evidence: setup data
+	$(BIN)/python scripts/evidence.py

@@ -1,0 +1,172 @@
+"""Reproduce docs/evidence.md: does MaKD help on the embedded default, against honest baselines, beyond noise?
+
+One command (`make evidence`, or `.venv/bin/python scripts/evidence.py`) runs, in order, the grids of
+configs/evidence/ — the CE-only recipe search on the validation split, the KD teacher, the main comparison with its
+ablations, the second regime — then writes docs/evidence.md (and its figures in docs/evidence/) from their results.
+Every run is an ordinary run folder under runs/evidence/: an interrupted evidence run resumes, finished runs are
+read back. Hours on 2 CPU cores; `--dry-run` lists what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from makd.atomic import write_text
+from makd.config import resolve_path
+from makd.data import build_splits
+from makd.experiment.grid import Grid
+from makd.experiment.report import write_report
+from makd.experiment.runner import DONE, plan, run_grid
+from makd.labels import label_from_config
+from makd.questions import QuestionSet
+from makd.report.teacher import teacher_quality
+
+REPO = Path(__file__).resolve().parents[1]
+GRIDS = REPO / "configs" / "evidence"
+ORDER = ["recipe-search", "kd-teacher", "main", "regime"]
+DOC = REPO / "docs" / "evidence.md"
+FIGURES = REPO / "docs" / "evidence"
+
+
+def ensure_labels(grid: Grid) -> None:
+    """Label what the grid's cells train on (the bridge teacher, once per store; a finished store costs nothing).
+    Cells on a question subset read a store cut from their method's store, made when the grid runs."""
+    done: set[str] = set()
+    for p in plan(grid, prepare=False):
+        if grid.subset_setting(p.cell) or p.config.loss["aspect_bce"].weight == 0 or p.config.labels.path in done:
+            continue
+        done.add(p.config.labels.path)
+        label_from_config(p.config)
+
+
+def demo_store() -> tuple[Any, Any]:
+    """The main grid's label store and config (the demo setting: training images and 1,000 test images)."""
+    config = Grid.load(GRIDS / "main.yaml").config(Grid.load(GRIDS / "main.yaml").cells()[0])
+    return label_from_config(config), config
+
+
+def teacher_section(store: Any, config: Any) -> tuple[list[str], dict[str, Any]]:
+    """How the teacher's class-level answers compare with the hand-written ones: what limits the method here."""
+    questions = QuestionSet.load(resolve_path(config.questions))
+    train = build_splits(config.data)["train"]
+    quality = teacher_quality(questions, store.lookup(train.sample_ids)[0], train.targets)
+    rows = sorted(quality["per_question"], key=lambda q: q["correlation"])
+    lines = [f"Against the hand-written class answers of the question set, the bridge teacher's class-mean P(yes) on "
+             f"the {quality['num_images']} training images correlates **{quality['mean_correlation']:.2f}** on average "
+             f"over {quality['num_scored']} questions; **{quality['wrong_way']}** questions point the wrong way; the "
+             f"answers are flat (mean per-question spread of P(yes) over images {quality['mean_spread']:.3f}).", "",
+             "| question | r with hand-written answers | spread of P(yes) |", "|---|---|---|"]
+    lines += [f"| {q['text']} | {q['correlation']:+.2f} | {q['spread']:.3f} |" for q in rows[:8]]
+    lines += ["| … | | |"] + [f"| {q['text']} | {q['correlation']:+.2f} | {q['spread']:.3f} |" for q in rows[-5:]]
+    return lines, quality
+
+
+def grid_section(name: str, folder: Path) -> list[str]:
+    """A grid's tables (its title dropped) with its figures copied next to this document."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    text = (folder / "tables.md").read_text(encoding="utf-8").split("\n", 2)[2]
+    for png in sorted(folder.glob("*.png")):
+        target = FIGURES / f"{name}-{png.name}"
+        shutil.copyfile(png, target)
+        text = text.replace(f"]({png.name})", f"](evidence/{target.name})")
+    return [text.strip()]
+
+
+def verdicts(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per comparison against CE, read off the paired t intervals (best-on-validation checkpoint)."""
+    lines = []
+    for grid, summary in summaries.items():
+        for variant, numbers in summary["variants"].items():
+            for method, entry in numbers["methods"].items():
+                d = entry["best"].get("difference")
+                if d is None:
+                    continue
+                last = entry["last"]["difference"]
+                lines.append(f"- {grid} / {variant}: **{method}** vs {summary['reference']}: {d['mean']:+.2f} points "
+                             f"[{d['low']:+.2f}, {d['high']:+.2f}] ({d['wins']}/{d['n']} seeds better) — "
+                             f"**{d['verdict']}**; last epoch {last['mean']:+.2f} [{last['low']:+.2f}, "
+                             f"{last['high']:+.2f}] — {last['verdict']}.")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="list the runs each grid still needs")
+    args = parser.parse_args()
+    os.chdir(REPO)
+    start = time.perf_counter()
+    grids = {name: Grid.load(GRIDS / f"{name}.yaml") for name in ORDER}
+    if args.dry_run:
+        for name, grid in grids.items():
+            cells = plan(grid, prepare=False)
+            left = sum(p.status != DONE and p.same_as is None for p in cells)
+            print(f"{name}: {len(cells)} cells, {left} to run")
+        return 0
+    summaries, sections = {}, {}
+    for name, grid in grids.items():
+        ensure_labels(grid)
+        outcome = run_grid(grid)
+        if outcome.failed:
+            print(f"makd: error: {name}: {len(outcome.failed)} run(s) failed: {next(iter(outcome.failed.values()))}",
+                  file=sys.stderr)
+            return 1
+        folder = write_report(grid, outcome)
+        summaries[name] = json.loads((folder / "summary.json").read_text())
+        sections[name] = grid_section(name, folder)
+    teacher_lines, quality = teacher_section(*demo_store())
+    hours = (time.perf_counter() - start) / 3600
+    write_text(DOC, render(sections, summaries, teacher_lines, quality, hours))
+    print(f"wrote {DOC} ({hours:.1f} h)")
+    return 0
+
+
+def render(sections: dict[str, list[str]], summaries: dict[str, dict[str, Any]], teacher: list[str],
+           quality: dict[str, Any], hours: float) -> str:
+    main_numbers = summaries["main"]["variants"]["default"]["methods"]
+    makd = main_numbers["MaKD"]["best"]["difference"]
+    control = main_numbers["permuted"]["best"]["difference"]
+    headline = (f"On the embedded default, MaKD changes test top-1 by **{makd['mean']:+.2f}** points over CE "
+                f"(95 % CI [{makd['low']:+.2f}, {makd['high']:+.2f}], {makd['n']} paired seeds): "
+                f"**{makd['verdict']}**. The permuted-target control: {control['mean']:+.2f} "
+                f"[{control['low']:+.2f}, {control['high']:+.2f}] ({control['verdict']}).")
+    if makd["low"] <= 0:
+        headline += (" MaKD does not beat CE with an interval above zero here; the teacher section below shows what "
+                     "limits it.")
+    return "\n".join([
+        "# Evidence: MaKD on the embedded default, against CE, a permuted control and classic distillation", "",
+        "Reproduce: `make evidence` (= `.venv/bin/python scripts/evidence.py`), which runs the grids of "
+        f"`configs/evidence/` and rewrites this file. Last run: {datetime.date.today().isoformat()}, "
+        f"{hours:.1f} hours on {os.cpu_count()} CPU cores ({platform.machine()}), runs in `runs/evidence/`.", "",
+        "Setting: Fashion-MNIST, 20 training images per class (seeded), 100 validation images per class from the rest "
+        "of the training set, the full 10,000-image test set; 40 hand-written yes/no questions; the offline bridge "
+        "teacher (EfficientNet-Lite0 ImageNet posteriors x MiniLM relevance); a ResNet-8 (width 16) from scratch, 120 "
+        "epochs. Paired seeds: a seed fixes the split, the initialisation and the batch order for every method. "
+        "Test top-1 on class logits only; the checkpoint is chosen on validation (and the last epoch is reported too).",
+        "", "## Headline", "", headline, "", "## Every comparison against CE, as computed", "", *verdicts(summaries), "",
+        "## 1. The fair recipe (chosen for CE only, on validation)", "",
+        "Each change from the demo's original recipe was tried alone for CE, compared on the **validation** split "
+        "(the test split was not looked at); `configs/evidence/recipe.yaml` keeps the ones that helped.", "",
+        *sections["recipe-search"], "",
+        "## 2. Main comparison (20 paired seeds) and ablations (10 seeds)", "",
+        "KD, MaKD + KD and LS-KD distil a ResNet-14 trained by makd on the Fashion-MNIST training images outside the "
+        "students' subset and validation split (`configs/evidence/kd-teacher.yaml`; its own numbers below). "
+        "KD: CE x 0.1 + KD x 0.9 at T = 4 (mdistiller's setting); LS-KD: CE x 0.1 + KD on standardised logits x 9 at "
+        "T = 2 (the logit-standardisation paper's CIFAR setting); MaKD + KD adds the aspect BCE x 4 to KD.", "",
+        *sections["main"], "",
+        "The KD teacher:", "", *sections["kd-teacher"], "",
+        "## 3. A second regime: 10 training images per class", "", *sections["regime"], "",
+        "## 4. The teacher: what limits the method here", "", *teacher, "",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
