@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from makd.atomic import atomic_path  # noqa: E402
 
@@ -23,6 +24,11 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def training_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss terms per epoch (left) and train/validation top-1 (right)."""
+    _save(curves_figure(history), path)
+
+
+def curves_figure(history: list[dict[str, Any]]) -> plt.Figure:
+    """The figure of `training_curves`; epochs are whole numbers, so are the epoch ticks."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in [k for k in history[0] if k.startswith("loss")]:
@@ -35,7 +41,9 @@ def training_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax_acc.plot(*zip(*val), marker="o", ms=3, label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy (class logits)")
     ax_acc.legend(fontsize=8)
-    _save(fig, path)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
 
 
 def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str) -> None:
