@@ -155,8 +155,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
     results = train(config, resume=args.resume == "auto")
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
-        print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch {results['best_epoch']}), "
-          f"{results['test_top1_last']:.2f} (last epoch); report: {Path(config.out) / 'report.md'}")
+        report = Path(config.out) / "report.md"
+        if results["val_top1_best"] is None:
+            print(f"test top-1 {results['test_top1_last']:.2f} (last epoch: no validation images); report: {report}")
+        else:
+            print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch "
+                  f"{results['best_epoch']}), {results['test_top1_last']:.2f} (last epoch); report: {report}")
     return 0
 
 

@@ -165,7 +165,7 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         return {which: evaluate_file(str(f), split, labels, overrides) for which, f in files.items() if f.is_file()}
     model, meta = load_student(model_path)
     config = load_config(base=meta["config"], overrides=overrides)
-    data = build_splits(config.data)[split]
+    data = build_splits(config.data, needed=(split,))[split]
     if data.class_names != meta["classes"]:
         raise MakdError(f"{model_path} was trained on classes {meta['classes'][:3]}..., the data has {data.class_names[:3]}...")
     store_path = labels or config.labels.path

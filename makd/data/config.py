@@ -22,8 +22,14 @@ class DataConfig(Section):
                                             "with one per line); default: the sorted distinct labels")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="datasets without a test split (Caltech101, manifests "
                                     "without test rows): this fraction of each class is the test split (seeded)")
-    train_per_class: int | None = Field(20, ge=1, description="few-shot training subset per class; null = all")
-    val_per_class: int | None = Field(50, ge=1, description="validation images per class, drawn from the rest of the training pool")
+    train_per_class: int | None = Field(None, ge=1, description="few-shot: this many training images per class, a seeded "
+                                        "subset (the demo asks for 20); null = all of them")
+    val_per_class: int | None = Field(None, ge=0, description="validation images per class: a cap on the dataset's own "
+                                      "validation split (null = all of it), or held out of the training pool (null = "
+                                      "data.val_fraction of it); 0 = no validation, the last checkpoint is the one used")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="datasets without a validation split, when val_per_class is "
+                                "null: this fraction of each class's training pool (rounded, at least one image) is held "
+                                "out for validation (seeded); 0 = no validation, the last checkpoint is the one used")
     test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
     split_seed: int = 0
     image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")

@@ -403,7 +403,7 @@ class Trainer:
                   leave=False) as bar:
             for epoch in range(self.state.epoch, cfg.epochs):
                 row = self.run_epoch(epoch, bar)
-                if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                if main and len(self.splits["val"]) and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     self._validate_into(row, epoch, bar)
                 self.state.history.append(row)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
@@ -414,6 +414,9 @@ class Trainer:
         runlog.close()
         if main:
             export_student(self.run / "last.safetensors", self.model, self.student_meta(self.state.epoch))
+            if not len(self.splits["val"]):  # no validation images: the last checkpoint is the one used
+                self.state.best_epoch = self.state.epoch
+                export_student(self.run / "best.safetensors", self.model, self.student_meta(self.state.epoch))
             results = self.finish()
         distributed.barrier(self.dist)
         if not main:
@@ -439,7 +442,7 @@ class Trainer:
         """Test the best-on-validation and last students (class logits only; the aspect head against the teacher)."""
         test = self.splits["test"]
         results: dict[str, Any] = {"name": self.config.name, "seed": self.config.train.seed,
-                                   "best_epoch": self.state.best_epoch, "val_top1_best": self.state.best_val_top1,
+                                   "best_epoch": self.state.best_epoch, "val_top1_best": self.state.best_val_top1 if self.state.best_val_top1 >= 0 else None,
                                    "val_top1_last": self.state.history[-1].get("val_top1")}
         cfg = self.config.train
         # When the last epoch is also the best one, the two files hold the same weights: evaluate once.

@@ -33,7 +33,7 @@ from makd.teachers.base import AspectScores, Teacher, teacher_inputs
 
 def samples_to_label(config: Config) -> ImageSplit:
     """The configured splits (train first), each optionally capped per class with a seeded subset."""
-    splits = build_splits(config.data)
+    splits = build_splits(config.data, needed=config.labels.splits)
     parts = []
     for name in config.labels.splits:
         split = splits[name]
