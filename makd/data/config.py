@@ -40,10 +40,11 @@ class DataConfig(Section):
                                 "null: this fraction of each class's training pool (rounded, at least one image) is held "
                                 "out for validation (seeded); 0 = no validation, the last checkpoint is the one used")
     test_per_class: int | None = Field(None, ge=1, description="subsample the test split (quick runs); null = all")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of every subset drawn here (few-shot, validation, held-out test)")
     image_size: int | None = Field(None, ge=8, description="resize to this size; null = native (small-image datasets)")
-    augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = "auto"
-    num_workers: int = Field(0, ge=0)
+    augment: Literal["auto", "crop_flip", "resized_crop_flip", "none"] = Field(
+        "auto", description="training augmentation (auto: resized_crop_flip when images are resized, else crop_flip)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the training process)")
 
     @field_validator("dataset")
     @classmethod

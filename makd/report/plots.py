@@ -103,3 +103,18 @@ def selection_scatter(report: Any, path: Path, title: str) -> None:
     ax.set(xlabel="spread of P(yes) over images", ylabel="information about the class (bits)", title=title)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def class_heatmap(p_yes: np.ndarray, questions: list[str], classes: list[str], path: Path, title: str,
+                  reference: np.ndarray | None = None) -> None:
+    """Mean P(yes) per question (rows) and class (columns); hand-written answers, where given, as 'Y'/'N'/'~'."""
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(classes), 1.2 + 0.28 * len(questions)))
+    image = ax.imshow(p_yes, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(questions)), [q if len(q) <= 60 else q[:57] + "..." for q in questions], fontsize=7)
+    for (i, j), value in np.ndenumerate(p_yes):
+        mark = "" if reference is None or np.isnan(reference[i, j]) else {1.0: " Y", 0.0: " N"}.get(float(reference[i, j]), " ~")
+        ax.text(j, i, f"{value:.2f}{mark}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label="mean P(yes)", fraction=0.04)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
