@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="class and top aspects for image files")
-    pr.add_argument("-m", "--model", required=True, help="student .safetensors")
+    pr.add_argument("-m", "--model", required=True, help="student .safetensors, or its ONNX export (same output)")
     pr.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     pr.add_argument("-k", "--top-aspects", type=int, default=5, help="aspects to show per image (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
