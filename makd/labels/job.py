@@ -28,7 +28,7 @@ from makd.labels.store import (
 )
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.base import AspectScores, Teacher, teacher_inputs
+from makd.teachers.base import AspectScores, Teacher, provenance, teacher_inputs
 
 
 def samples_to_label(config: Config) -> ImageSplit:
@@ -69,7 +69,7 @@ def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard
         "question_set_hash": questions.hash,
         "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
         "classes": list(questions.classes),
-        "teacher": teacher.describe(),
+        "teacher": provenance(teacher, questions),
         "dataset": split.info,
         "num_samples": len(split),
         "sample_ids_hash": ids_hash(split.sample_ids),
