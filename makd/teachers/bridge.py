@@ -4,9 +4,9 @@ No vision-language weights install offline (only PyPI, apt and npm are reachable
 ImageNet classes k:  p_yes(q | x) = sum_k P(k | x) * s(q, k), where P is the EfficientNet-Lite0 posterior and
 s(q, k) = sigmoid(sharpness * z-score over k of cos(MiniLM(q), MiniLM(prompt of class k))).
 
-Defaults, chosen by measuring agreement with Fashion-MNIST's hand-written class answers (50 train images per
-class: mean per-question correlation 0.24 -> 0.43, questions pointing the wrong way 12 -> 7 of 40, with as
-much class information in the answers as before):
+Defaults, chosen by measuring agreement with hand-written class answers (benchmarks/bridge_vocabulary.py,
+docs/teachers.md: Fashion-MNIST, 50 train images per class, mean per-question correlation 0.21 -> 0.43,
+questions pointing the wrong way 11 -> 7 of 40; natural photos 0.44 -> 0.48 and 0.47 -> 0.55):
 - vocabulary "dataset": only the ImageNet classes nearest to the dataset's class names (which the question
   set carries, as the paper's LLM knows them) take part; the posterior is renormalised and s is z-scored over
   them, so "worn on the feet?" is contrasted with shirts and bags rather than with 1,000 animals and tools;
