@@ -58,7 +58,7 @@ def test_per_image_and_per_class_answers(labelled, capsys, tmp_path):
     assert lines[at + 2].endswith(answers.questions[worst]) and f"{p_yes[first, worst]:.2f}" in lines[at + 2]
     # The per-class table holds the class means of P(yes).
     header = next(line for line in lines if line.startswith("mean P(yes) per class"))
-    assert header.split()[-3:] == ["Sandal", "T-shirt_", "Trouser"]
+    assert header.split()[-3:] == CLASSES
     row = next(line for line in lines if line.startswith("Is it worn on the feet?"))
     expected = [p_yes[answers.targets == c, 1].mean() for c in range(3)]
     assert [float(v) for v in row.split()[-3:]] == pytest.approx(expected, abs=0.006)

@@ -75,9 +75,11 @@ def class_means(answers: Answers) -> tuple[np.ndarray, list[int]]:
     return np.stack([p_yes[answers.targets == c].mean(axis=0) for c in present], axis=1), present
 
 
-def class_table(answers: Answers, width: int = 9) -> list[str]:
-    """Mean P(yes) per question (rows) and class (columns), class names cut to the column width."""
+def class_table(answers: Answers, max_width: int = 14) -> list[str]:
+    """Mean P(yes) per question (rows) and class (columns), columns as wide as the longest class name (cut beyond
+    `max_width`)."""
     means, present = class_means(answers)
+    width = min(max_width, max(7, *(len(answers.classes[c]) + 2 for c in present)))
     names = [answers.classes[c][: width - 1] for c in present]
     lines = ["mean P(yes) per class".ljust(48) + "".join(n.rjust(width) for n in names)]
     for j, text in enumerate(answers.questions):
