@@ -197,7 +197,7 @@ Key = tuple[str, ...]
 
 
 @cache
-def path_keys(model: type[BaseModel] = None) -> dict[Key, str]:  # type: ignore[assignment]
+def path_keys(model: type[BaseModel] | None = None) -> dict[Key, str]:
     """Every path field of the schema (marked with PATH or LOCAL_MODEL), as key tuples: "path" (a file or
     folder) or "local" (a local folder if one exists there, else a hub id)."""
     model = model or Config
