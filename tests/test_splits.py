@@ -88,3 +88,15 @@ def test_training_without_validation_uses_the_last_checkpoint(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "No validation images (data.val_per_class=0 or data.val_fraction=0): the last checkpoint is the one used" in report
     assert "best on validation" not in report
+
+
+def test_labelling_train_needs_no_test_folder(tiny_imagefolder, tmp_path):
+    from makd.labels import samples_to_label
+
+    shutil.copytree(tiny_imagefolder / "train", tmp_path / "train")
+    config = load_config(overrides=["data.dataset=imagefolder", f"data.root={tmp_path}", "labels.splits=[train]"])
+    samples = samples_to_label(config)
+    assert len(samples) == 15 and all(s.startswith("train/") for s in samples.sample_ids)
+    with pytest.raises(MakdError, match="has no test/ folder"):
+        samples_to_label(load_config(overrides=["data.dataset=imagefolder", f"data.root={tmp_path}",
+                                                "labels.splits=[train, test]"]))
