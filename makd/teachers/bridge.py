@@ -128,7 +128,8 @@ class BridgeTeacher:
         """Per dataset class, its `neighbours` nearest ImageNet classes (prompt cosine), nearest first."""
         names, _ = imagenet_classes()
         cos, top = self._nearest(classes)
-        return {c: [{"imagenet": names[k], "cosine": round(float(cos[i, k]), 3)} for k in top[i]]
+        # Two decimals: the store compares provenance on resume, and other CPUs may differ in the last bits.
+        return {c: [{"imagenet": names[k], "cosine": round(float(cos[i, k]), 2)} for k in top[i]]
                 for i, c in enumerate(classes)}
 
     def _nearest(self, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
