@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image_name = the sample id (default; e.g. train/cat/1.jpg) or the file name (1.jpg)")
     exp.set_defaults(func=cmd_labels_export)
     shw = lsub.add_parser("show", help="what the teacher said: per image, per class (table and heatmap)",
-                          description="Per image, the teacher's most confident yes and no answers; with -c (the "
-                                      "config the store was made with: it says each sample's class), the mean P(yes) "
-                                      "per question and class, and the teacher's agreement with the question set's "
+                          description="Per image, the teacher's most confident yes and no answers. With -c (the config\n"
+                                      "the store was made with: it says each sample's class), also the mean P(yes) per\n"
+                                      "question and class, and the teacher's agreement with the question set's\n"
                                       "hand-written class_answers.", formatter_class=fmt)
     shw.add_argument("path", help="label store folder")
     _config_args(shw)
