@@ -193,7 +193,7 @@ def test_overrides_may_come_before_or_after_options(capsys):
     from makd.cli import parse
 
     args = parse(["train", "-c", "x.yaml", "a.b=1", "--resume", "never", "c.d=2"])
-    assert args.overrides == ["a.b=1", "c.d=2"] and args.resume == "never" and args.config == "x.yaml"
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.resume == "never" and args.config == ["x.yaml"]
     with pytest.raises(SystemExit):
         parse(["train", "--bogus", "c.d=2"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
