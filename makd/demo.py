@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from makd.predict import explain
 from makd.questions import QuestionSet
 from makd.report import plots
 from makd.report.compare import comparison_table
-from makd.report.teacher import teacher_quality
+from makd.report.teacher import agreement_sentence, teacher_quality, wrong_way_questions
 
 log = logging.getLogger("makd.demo")
 
@@ -43,10 +42,6 @@ METHODS: dict[str, list[str]] = {
     MAKD: [],
     CONTROL: ["labels.permute=images"],
 }
-
-
-def demo_config_text() -> str:
-    return (resources.files("makd") / "configs" / "demo.yaml").read_text(encoding="utf-8")
 
 
 def demo_config(out: Path, overrides: list[str]) -> Config:
@@ -158,13 +153,11 @@ def teacher_section(quality: dict[str, Any] | None) -> list[str]:
     if quality is None:
         return ["The question set carries no hand-written class answers, so the teacher's answers cannot be checked "
                 "against a person's here (the built-in set has them)."]
-    wrong = sorted((q for q in quality["per_question"] if q["correlation"] < 0), key=lambda q: q["correlation"])
+    wrong = wrong_way_questions(quality)
     return [
-        f"Against the hand-written per-class answers in the question set, the teacher's class-mean answers correlate "
-        f"{quality['mean_correlation']:.2f} on average over {quality['num_scored']} questions; {quality['wrong_way']} point "
-        f"the wrong way; the mean per-question spread of p(yes) over images is {quality['mean_spread']:.3f}.",
+        f"{agreement_sentence(quality)}; the mean per-question spread of p(yes) over images is {quality['mean_spread']:.3f}.",
         "",
-        "Most wrong: " + "; ".join(f"\"{q['text']}\" ({q['correlation']:.2f})" for q in wrong[:5]) if wrong
+        "Most wrong: " + "; ".join(f"\"{q['text']}\" ({q['correlation']:.2f})" for q in wrong) if wrong
         else "No question points the wrong way.",
         "",
         "![teacher vs hand-written answers](teacher_quality.png)",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from makd.config import load_config
+from makd.config import Config, load_config, relocate, to_dict
 from makd.data import build_splits
 from makd.data.base import ImageSplit
 from makd.data.transforms import InputSpec, SplitDataset, build_transform
@@ -174,6 +174,28 @@ def score_predictions(preds: Predictions, split: ImageSplit, teacher: LabelStore
     return metrics
 
 
+def _check_data_found(config: Config, missing: dict[str, list[str]], model_path: str) -> None:
+    """One line naming every place a moved dataset was looked for (unless an override says where it is now)."""
+    resolved = to_dict(config)["data"]
+    for key, looked in missing.items():
+        if key.startswith("data.") and resolved[key.removeprefix("data.")] == looked[0]:
+            raise MakdError(f"{key}: not found (looked in {' and '.join(looked)}): the data {model_path} was trained "
+                            f"on is not where it was; say where it is now with {key}=...")
+
+
+def _open_store(looked: list[str], question_set_hash: str) -> LabelStore:
+    """The label store at the first of `looked` (a recorded path, then the same place relative to the model)."""
+    found = next((p for p in looked if Path(p).is_dir()), None)
+    if found is None:
+        raise MakdError(f"label store not found (looked in {' and '.join(dict.fromkeys(looked))}): give --labels "
+                        "<folder> (or labels.path=...) to score the aspect head against the teacher")
+    store = LabelStore.open(found)
+    if store.meta["question_set_hash"] != question_set_hash:
+        raise MakdError(f"label store {found} is for question set {store.meta['question_set_hash']}, "
+                        f"the model's aspect head for {question_set_hash}")
+    return store
+
+
 def evaluate_file(model_path: str, split: str = "test", labels: str | None = None,
                   overrides: list[str] | None = None) -> dict:
     """Evaluate a student file, or a run folder's best-on-validation and last students, on a split of its data."""
@@ -184,17 +206,16 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
             raise MakdError(f"{path} holds no best.safetensors: not a finished makd run folder")
         return {which: evaluate_file(str(f), split, labels, overrides) for which, f in files.items() if f.is_file()}
     model, meta = load_student(model_path)
-    config = load_config(base=meta["config"], overrides=overrides)
-    data = build_splits(config.data)[split]
+    base, missing = relocate(meta["config"], meta.get("paths", {}), path.absolute().parent)
+    config = load_config(base=base, overrides=overrides)
+    _check_data_found(config, missing, model_path)
+    data = build_splits(config.data, needed=(split,))[split]
     if data.class_names != meta["classes"]:
         raise MakdError(f"{model_path} was trained on classes {meta['classes'][:3]}..., the data has {data.class_names[:3]}...")
-    store_path = labels or config.labels.path
     store = None
-    if model.aspect_head is not None and store_path:
-        store = LabelStore.open(store_path)
-        if store.meta["question_set_hash"] != meta["question_set_hash"]:
-            raise MakdError(f"label store {store_path} is for question set {store.meta['question_set_hash']}, "
-                            f"the model's aspect head for {meta['question_set_hash']}")
+    if model.aspect_head is not None and (labels or config.labels.path):
+        looked = [labels] if labels else [config.labels.path, *missing.get("labels.path", [])[1:]]
+        store = _open_store(looked, meta["question_set_hash"])
     result = evaluate_student(model, InputSpec(**meta["input"]), data, store, batch_size=config.train.eval_batch_size,
                               num_workers=config.data.num_workers)
     report = {"model": str(model_path), "epoch": meta.get("epoch"), **result.metrics}

@@ -1,14 +1,20 @@
 """ONNX export of a student file: class logits, and the aspect logits unless left out.
 
 The graph takes float images in [0, 1] at the student's input size (normalisation is inside), with a dynamic
-batch dimension. After writing, the export is checked against PyTorch on random inputs with onnxruntime
-(or onnx's reference evaluator when onnxruntime is absent).
+batch dimension. The file carries what it takes to use it as metadata (`metadata_props`, JSON values): the
+classes, the questions, and the preprocessing that turns an image file into the input (channels, size, whether
+and how it is resized: crop_pct and interpolation as in timm; mean/std for reference, applied inside the
+graph), so `makd predict -m student.onnx` gives the same answers as the `.safetensors`. After writing, the
+export is checked against PyTorch on random inputs with onnxruntime (or onnx's reference evaluator when
+onnxruntime is absent).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +25,8 @@ from makd.data.transforms import InputSpec
 from makd.errors import MakdError
 from makd.models import Student
 from makd.models.student_file import load_student
+
+ONNX_FORMAT = "makd.onnx/1"
 
 
 class ExportView(nn.Module):
@@ -52,11 +60,48 @@ def export_onnx(model_path: str | Path, output: str | Path, aspects: bool = True
         torch.onnx.export(view, (example,), str(tmp), dynamo=False, input_names=["image"], output_names=names,
                           dynamic_axes={n: {0: "batch"} for n in ["image", *names]}, opset_version=opset)
         onnx.checker.check_model(str(tmp))
+        add_metadata(onnx, tmp, onnx_metadata(student, meta, names))
     report = {"output": str(output), "outputs": names, "input": [None, spec.in_chans, spec.height, spec.width],
               "classes": len(meta["classes"]), "aspects": len(meta["questions"]) if aspects else 0}
     if check:
         report.update(verify(output, view, spec))
     return report
+
+
+def onnx_metadata(student: Student, meta: dict, outputs: list[str]) -> dict[str, str]:
+    """What a user of the ONNX file needs besides the graph, as JSON strings by key."""
+    values = {"format": ONNX_FORMAT, "classes": meta["classes"], "outputs": outputs,
+              "questions": meta["questions"] if "aspect_logits" in outputs else [],
+              "input": meta["input"], "mean": student.mean.flatten().tolist(), "std": student.std.flatten().tolist(),
+              "input_range": "float32 RGB (or grey) in [0, 1], NCHW; mean/std are applied inside the graph"}
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+def add_metadata(onnx: Any, path: Path, values: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    """The metadata of a makd ONNX file, decoded (the same keys as a student file's: classes, questions, input)."""
+    try:
+        import onnx
+    except ImportError:
+        raise MakdError("reading an ONNX file needs the onnx package (pip install 'makd[export]')") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise MakdError(f"model file not found: {path}") from None
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+        raise MakdError(f"cannot read ONNX file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("format") != json.dumps(ONNX_FORMAT):
+        raise MakdError(f"{path} was not exported by `makd export` (no {ONNX_FORMAT} metadata): classes and "
+                        "preprocessing unknown")
+    return {key: json.loads(value) for key, value in props.items()}
 
 
 def verify(path: str | Path, view: ExportView, spec: InputSpec, batch: int = 3) -> dict:

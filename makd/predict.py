@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,38 @@ def explain(class_logits: np.ndarray, aspect_logits: np.ndarray | None, meta: di
     return results
 
 
+Logits = tuple[np.ndarray, np.ndarray | None]
+
+
+def load_predictor(model_path: str | Path) -> tuple[Callable[[torch.Tensor], Logits], dict[str, Any]]:
+    """(images -> (class logits, aspect logits or None), metadata) of a student file or of its ONNX export."""
+    if Path(model_path).suffix.lower() == ".onnx":
+        from makd.export import read_onnx_metadata, run_onnx
+
+        meta = read_onnx_metadata(model_path)
+
+        def run_graph(x: torch.Tensor) -> Logits:
+            outputs = dict(zip(meta["outputs"], run_onnx(model_path, x.numpy())[0]))
+            return outputs["class_logits"], outputs.get("aspect_logits")
+
+        return run_graph, meta
+    model, meta = load_student(model_path)
+
+    def run_model(x: torch.Tensor) -> Logits:
+        out = model(x)
+        return out.class_logits.numpy(), None if out.aspect_logits is None else out.aspect_logits.numpy()
+
+    return run_model, meta
+
+
 @torch.inference_mode()
 def predict_files(model_path: str | Path, images: Sequence[str | Path], top_aspects: int = 5) -> list[dict[str, Any]]:
-    model, meta = load_student(model_path)
+    """Class and top aspects of each image, from a `.safetensors` student or its `.onnx` export (same answers)."""
+    run, meta = load_predictor(model_path)
     spec = InputSpec(**meta["input"])
     transform = build_transform(spec, train=False)
     batch = torch.stack([transform(image_tensor(to_model_mode(load_image(Path(p)), spec))) for p in images])
-    out = model(batch)
-    aspects = out.aspect_logits.numpy() if out.aspect_logits is not None else None
-    results = explain(out.class_logits.numpy(), aspects, meta, top_aspects)
+    results = explain(*run(batch), meta, top_aspects)
     for entry, path in zip(results, images):
         entry["image"] = str(path)
     return results

@@ -56,7 +56,7 @@ def select_from_config(config: Config, pool_path: str | Path, output: str | Path
 
 def _select_by_teacher(config: Config, pool: QuestionSet, output: Path) -> tuple[list[int], dict]:
     s = config.select
-    train = build_splits(config.data)["train"]
+    train = build_splits(config.data, needed=("train",))["train"]
     if list(pool.classes) != train.class_names:
         raise MakdError(f"the pool's classes {list(pool.classes)[:3]}... are not the dataset's {train.class_names[:3]}...")
     sample = train.subset(per_class_sample(train.targets, s.images_per_class, np.random.default_rng(s.seed), at_most=True))

@@ -14,7 +14,7 @@ from makd.data.fashion_mnist import CLASSES, load_fashion_mnist
 from makd.errors import MakdError
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.bridge import BridgeTeacher, is_dark_background, preprocess
+from makd.teachers.bridge import BridgeTeacher, imagenet_classes, is_dark_background, preprocess
 
 QUESTIONS = QuestionSet.model_validate({
     "classes": list(CLASSES),
@@ -136,3 +136,22 @@ def test_options_defaults_and_batch_size():
 def test_invalid_option_names_the_option(options, name):
     with pytest.raises(MakdError, match=rf"^teacher: {name}:"):
         BridgeTeacher.from_options(options)
+
+
+def test_provenance_names_the_imagenet_stand_ins_and_warns_of_poor_ones(teacher, caplog):
+    questions = QuestionSet.model_validate({"classes": ["Dalmatian", "jeep", "landscape"],
+                                            "questions": [{"id": "q", "text": "Does it have spots?"}]})
+    with caplog.at_level("WARNING", logger="makd.teachers"):
+        stand_ins = teacher.describe_questions(questions)["stand_ins"]
+    assert list(stand_ins) == ["Dalmatian", "jeep", "landscape"] and all(len(s) == 3 for s in stand_ins.values())
+    assert stand_ins["Dalmatian"][0]["imagenet"].startswith("dalmatian") and stand_ins["jeep"][0]["imagenet"].startswith("jeep")
+    cosines = [s["cosine"] for s in stand_ins["jeep"]]
+    assert cosines == sorted(cosines, reverse=True) and cosines[0] >= 0.6
+    # The vocabulary the teacher answers through is exactly the union of the stand-ins.
+    names = imagenet_classes()[0]
+    vocab, _ = teacher.relevance(questions)
+    assert sorted(names[k] for k in vocab) == sorted({s["imagenet"] for c in stand_ins.values() for s in c})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "1 of 3 class names have no close ImageNet class" in warnings[0]
+    assert "'landscape' -> " in warnings[0] and "Dalmatian" not in warnings[0]
+    json.dumps(stand_ins)  # provenance goes into labels.json

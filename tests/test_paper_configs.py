@@ -1,6 +1,7 @@
 """configs/paper/: the paper's recipe as a base plus per-dataset and per-student files, every pair valid."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,26 @@ def known_keys(config: dict, before: dict, defaults: dict, where: str = "") -> d
     return kept
 
 
+def as_written(config) -> dict:
+    """The resolved config with its paths as the files and the command line wrote them: the dataset file's paths
+    relative to that file (where they now resolve), the `out` override relative to the current folder."""
+    data = to_dict(config)
+    data["out"] = os.path.relpath(data["out"])
+    data["questions"] = os.path.relpath(data["questions"], PAPER / "datasets")
+    for section, key in (("data", "root"), ("labels", "path")):
+        data[section][key] = os.path.relpath(data[section][key], PAPER / "datasets")
+    return data
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_layered_files_resolve_to_the_former_per_pair_configs(dataset):
     defaults = to_dict(load_config())
     for student in STUDENTS:
-        before = BEFORE[f"{dataset}/{student}"]
-        assert known_keys(to_dict(pair(dataset, student)), before, defaults) == before, f"{dataset}/{student}"
+        config, before = pair(dataset, student), BEFORE[f"{dataset}/{student}"]
+        assert known_keys(as_written(config), before, defaults) == before, f"{dataset}/{student}"
+        assert Path(config.data.root) == PAPER / "datasets" / BEFORE[f"{dataset}/{student}"]["data"]["root"]
+        # The added key cannot change these splits: each sets val_per_class or has its own validation split.
+        assert config.data.val_per_class is not None or dataset in {"dtd", "fgvc_aircraft", "flowers102", "mini_imagenet"}
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

@@ -6,7 +6,7 @@ with the label store: labels are never matched by position or parsed from file n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +87,16 @@ class ImageSplit:
         return 1 if self.image(0).mode == "L" else 3
 
 
-Pools = tuple[ImageSplit, ImageSplit | None, ImageSplit | None]  # a reader's (train pool, val, test)
+@dataclass(frozen=True)
+class MissingSplit:
+    """A split whose files are not there: an error (`reason`) only for a command that needs that split, so
+    labelling `train` works before a `test/` folder exists."""
+
+    reason: str
+
+
+# A reader's (train pool, val, test); None = the dataset has no such split (validation and test are then held out).
+Pools = tuple[ImageSplit, ImageSplit | None, ImageSplit | MissingSplit | None]
 
 
 def file_split(name: str, root: Path, paths: Sequence[Path], targets: Sequence[int], class_names: list[str],
@@ -114,10 +123,11 @@ def load_image(path: Path) -> Image.Image:
 
 
 def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generator, exclude: np.ndarray | None = None,
-                     at_most: bool = False) -> np.ndarray:
+                     at_most: bool = False, too_few: Callable[[int, int], str] | None = None) -> np.ndarray:
     """Indices of `per_class` randomly chosen samples of every class (sorted), skipping `exclude`.
 
-    With `at_most`, a class with fewer samples contributes all of them instead of raising.
+    With `at_most`, a class with fewer samples contributes all of them instead of raising; otherwise the error
+    is `too_few(class index, samples available)` (the caller knows the class names and the option to change).
     """
     available = np.ones(len(targets), dtype=bool)
     if exclude is not None:
@@ -126,6 +136,7 @@ def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generat
     for cls in np.unique(targets):
         pool = np.flatnonzero((targets == cls) & available)
         if len(pool) < per_class and not at_most:
-            raise MakdError(f"class {cls} has only {len(pool)} samples available, {per_class} requested")
+            raise MakdError(too_few(int(cls), len(pool)) if too_few else
+                            f"class {cls} has only {len(pool)} samples available, {per_class} requested")
         chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
     return np.sort(np.concatenate(chosen))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from makd.data.base import ImageSplit, Pools, file_split
+from makd.data.base import ImageSplit, MissingSplit, Pools, file_split
 from makd.data.config import DataConfig
 from makd.data.registry import DATASETS
 from makd.errors import MakdError
@@ -61,5 +61,5 @@ def read_imagefolder(config: DataConfig) -> Pools:
     train = load_imagefolder(config.root, "train", classes)
     test = load_imagefolder(config.root, "test", classes)
     if test is None:
-        raise MakdError(f"imagefolder root {config.root} has no test/ folder")
+        test = MissingSplit(f"imagefolder root {config.root} has no test/ folder (expected root/test/<class>/<image>)")
     return train, load_imagefolder(config.root, "val", classes), test

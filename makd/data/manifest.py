@@ -71,6 +71,9 @@ def load_manifest(config: DataConfig) -> Pools:
     if not config.manifest:
         raise MakdError("data.manifest: required for dataset manifest (a CSV or JSONL file of path,label[,split])")
     path = Path(config.manifest)
+    if not path.is_file():
+        looked = config._searched.get("manifest") or [str(path)]
+        raise MakdError(f"data.manifest: file not found (looked for {' and '.join(looked)})")
     root = Path(config.root) if config.root else path.parent
     rows = read_rows(path)
     if not rows:

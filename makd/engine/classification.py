@@ -190,6 +190,9 @@ class ClassificationTask(Task):
         return {"train_top1": 100.0 * sums["correct"] / count}
 
     # -- validation, files, report --------------------------------------------------------------------
+    def validates(self) -> bool:
+        return len(self.splits["val"]) > 0
+
     def validate(self) -> dict[str, float]:
         cfg = self.config
         preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
@@ -221,7 +224,7 @@ class ClassificationTask(Task):
         test, cfg = self.splits["test"], self.config.train
         teacher = self.aspects.store if self.aspects else None
         results: dict[str, Any] = {"name": self.config.name, "seed": cfg.seed, "best_epoch": state.best_epoch,
-                                   "val_top1_best": state.best_metric,
+                                   "val_top1_best": state.best_metric if self.validates() else None,
                                    "val_top1_last": state.history[-1].get("val_top1"),
                                    "train_seconds": round(state.seconds, 2)}
         # When the last epoch is also the best one, the two files hold the same weights: evaluate once.

@@ -155,10 +155,17 @@ class SeedBatchTask(Task):
             state.history.append(mine)
             runlog.log_row(mine, state.history)
 
+    def validates(self) -> bool:
+        return self.tasks[0].validates()
+
     def export(self, which: str, epoch: int) -> None:
-        if which == "last":  # each member's best file is written when its own validation improves (end_epoch)
-            for k, task in enumerate(self.tasks):
-                self._member_view(k, task).export("last", epoch)
+        # Each member's best file is written when its own validation improves (end_epoch); without validation the
+        # loop asks for the last one as the best.
+        if which == "last" or not self.validates():
+            for k, (task, state) in enumerate(zip(self.tasks, self.states)):
+                self._member_view(k, task).export(which, epoch)
+                if which == "best":
+                    state.best_epoch = epoch
 
     def finish(self, run: Path, state: Any) -> dict[str, Any]:
         """Each member's report, from one stacked pass over the test split per checkpoint (best, last)."""

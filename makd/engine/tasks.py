@@ -73,6 +73,10 @@ class Task:
         return {}
 
     # -- validation, files, report --------------------------------------------------------------------
+    def validates(self) -> bool:
+        """Whether there is a validation split; without one the last checkpoint is the one used."""
+        return True
+
     def validate(self) -> dict[str, float]:
         """Validation numbers for the epoch's row; must hold `selection_metric`."""
         raise NotImplementedError

@@ -272,7 +272,7 @@ class Trainer:
                   leave=False) as bar:
             for epoch in range(self.state.epoch, cfg.epochs):
                 row = self.run_epoch(epoch, bar)
-                if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                if main and self.task.validates() and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     self._validate_into(row, epoch, bar)
                 self.task.end_epoch(row)
                 self.state.history.append(row)
@@ -284,6 +284,9 @@ class Trainer:
         runlog.close()
         if main:
             self.task.export("last", self.state.epoch)
+            if not self.task.validates():  # no validation images: the last checkpoint is the one used
+                self.state.best_epoch = self.state.epoch
+                self.task.export("best", self.state.epoch)
             results = self.task.finish(self.run, self.state)
         distributed.barrier(self.dist)
         if not main:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from makd.config import Config, load_config, read_config_file
+from makd.config import Config, builtin_config, config_layers, deep_merge, load_config
 from makd.errors import MakdError
 from makd.validation import validate
 
@@ -183,7 +183,9 @@ class Grid:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Grid":
         path = Path(path)
-        data = read_config_file(path)  # the grid file itself may `include:` a shared one
+        data: dict[str, Any] = {}
+        for layer, _ in config_layers(path):  # the grid file itself may `include:` a shared one
+            data = deep_merge(data, layer)
         spec = validate(GridFile, data, f"grid {path}")
         return cls(spec, path.parent.resolve(), str(path), list(overrides or []))
 
@@ -223,7 +225,8 @@ class Grid:
 
     def config(self, cell: Cell, subset_paths: tuple[str, str] | None = None) -> Config:
         """The cell's resolved config: the grid's files and overrides, then each setting's, then the cell's own
-        name, output folder and seed (and, for a question subset, the prepared question set and label store)."""
+        name, output folder and seed (and, for a question subset, the prepared question set and label store),
+        then the command line's overrides. Paths in the grid's overrides are relative to the grid file."""
         files = [self._config_path(c) for c in self.spec.configs]
         overrides = list(self.spec.overrides)
         for setting in cell.settings:
@@ -233,7 +236,7 @@ class Grid:
         overrides += [f"name={cell.name}", f"out={self.out / 'runs' / cell.name}", f"train.seed={cell.seed}"]
         if subset_paths:
             overrides += [f"questions={subset_paths[0]}", f"labels.path={subset_paths[1]}"]
-        return load_grid_config(files, overrides + self.extra_overrides)
+        return load_grid_config(files, [(overrides, self.folder)], self.extra_overrides)
 
     def subset_setting(self, cell: Cell) -> Setting | None:
         subset = [s for s in cell.settings if s.subset_questions]
@@ -243,10 +246,8 @@ class Grid:
         return yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def load_grid_config(files: list[str], overrides: list[str]) -> Config:
-    """Built-in configs (`makd:<name>`) are layered like files."""
-    from makd.config import builtin_config, deep_merge
-
+def load_grid_config(files: list[str], grid_overrides: list[tuple[list[str], Path]], overrides: list[str]) -> Config:
+    """Built-in configs (`makd:<name>`) are layered like files (first: they are the base the files change)."""
     base: dict[str, Any] = {}
     paths = []
     for f in files:
@@ -256,4 +257,4 @@ def load_grid_config(files: list[str], overrides: list[str]) -> Config:
             base = deep_merge(base, builtin_config(f.removeprefix("makd:")))
         else:
             paths.append(f)
-    return load_config(paths, overrides, base=base)
+    return load_config(paths, overrides, base=base, file_overrides=grid_overrides)

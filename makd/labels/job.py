@@ -32,13 +32,14 @@ from makd.labels.store import (
 )
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.base import AspectScores, Teacher, teacher_inputs
+from makd.teachers.base import AspectScores, Teacher, provenance, teacher_inputs
 
 
 def samples_by_split(config: Config, uncapped: tuple[str, ...] = ()) -> dict[str, ImageSplit]:
     """The samples of each of labels.splits as the config builds them (train after few-shot subsetting), each
-    but the `uncapped` ones optionally capped per class by labels.max_per_class with a seeded subset."""
-    splits = build_splits(config.data)
+    but the `uncapped` ones optionally capped per class by labels.max_per_class with a seeded subset. Only the
+    splits labelled need to exist."""
+    splits = build_splits(config.data, needed=config.labels.splits)
     parts = {}
     for name in config.labels.splits:
         split = splits[name]
@@ -109,7 +110,7 @@ def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard
         "question_set_hash": questions.hash,
         "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
         "classes": list(questions.classes),
-        "teacher": teacher.describe(),
+        "teacher": provenance(teacher, questions),
         "dataset": split.info,
         "num_samples": len(split),
         "sample_ids_hash": ids_hash(split.sample_ids),

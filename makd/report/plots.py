@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from makd.atomic import atomic_path  # noqa: E402
 
@@ -23,6 +24,11 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def training_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss terms per epoch (left) and train/validation top-1 (right)."""
+    _save(curves_figure(history), path)
+
+
+def curves_figure(history: list[dict[str, Any]]) -> plt.Figure:
+    """The figure of `training_curves`; epochs are whole numbers, so are the epoch ticks."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in [k for k in history[0] if k.startswith("loss")]:
@@ -35,7 +41,9 @@ def training_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax_acc.plot(*zip(*val), marker="o", ms=3, label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy (class logits)")
     ax_acc.legend(fontsize=8)
-    _save(fig, path)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
 
 
 def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str, ylabel: str = "test top-1") -> None:
@@ -128,3 +136,18 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def class_heatmap(p_yes: np.ndarray, questions: list[str], classes: list[str], path: Path, title: str,
+                  reference: np.ndarray | None = None) -> None:
+    """Mean P(yes) per question (rows) and class (columns); hand-written answers, where given, as 'Y'/'N'/'~'."""
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(classes), 1.2 + 0.28 * len(questions)))
+    image = ax.imshow(p_yes, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(questions)), [q if len(q) <= 60 else q[:57] + "..." for q in questions], fontsize=7)
+    for (i, j), value in np.ndenumerate(p_yes):
+        mark = "" if reference is None or np.isnan(reference[i, j]) else {1.0: " Y", 0.0: " N"}.get(float(reference[i, j]), " ~")
+        ax.text(j, i, f"{value:.2f}{mark}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label="mean P(yes)", fraction=0.04)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -10,6 +10,25 @@ from makd.config import Config
 from makd.report.plots import training_curves
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def checkpoint_rows(config: Config, results: dict[str, Any]) -> list[str]:
+    """The test table, and which checkpoint it reports: best on validation, or the last one without validation."""
+    test = [f"{results[f'test_{k}_{which}']:.2f}" for which in ("best", "last") for k in ("top1", "top5", "ece")]
+    if results.get("val_top1_best") is None:
+        return ["| checkpoint | epoch | test top-1 | test top-5 | test ECE |", "|---|---|---|---|---|",
+                f"| last | {results['best_epoch']} | {' | '.join(test[3:])} |", "",
+                "No validation images (data.val_per_class=0 or data.val_fraction=0): the last checkpoint is the one "
+                "used, and evaluated once on test. Accuracy and calibration (ECE, 15 bins, %) use the class logits only."]
+    return ["| checkpoint | epoch | val top-1 | test top-1 | test top-5 | test ECE |", "|---|---|---|---|---|---|",
+            f"| best on validation | {results['best_epoch']} | {_pct(results['val_top1_best'])} | {' | '.join(test[:3])} |",
+            f"| last | {config.train.epochs} | {_pct(results['val_top1_last'])} | {' | '.join(test[3:])} |", "",
+            "Accuracy and calibration (ECE, 15 bins, %) use the class logits only. The checkpoint is chosen on the "
+            "validation split, never on test."]
+
+
 def write_run_report(run: Path, config: Config, results: dict[str, Any], history: list[dict[str, Any]]) -> None:
     training_curves(history, run / "curves.png")
     terms = ", ".join(f"{name} × {term.weight:g}" for name, term in config.loss.items() if term.weight > 0)
@@ -21,13 +40,7 @@ def write_run_report(run: Path, config: Config, results: dict[str, Any], history
         f"- {config.train.epochs} epochs, batch {config.train.batch_size}, {config.optim.name} lr {config.optim.lr:g}, "
         f"{config.schedule.name} schedule, seed {config.train.seed}",
         "",
-        "| checkpoint | epoch | val top-1 | test top-1 | test top-5 | test ECE |",
-        "|---|---|---|---|---|---|",
-        f"| best on validation | {results['best_epoch']} | {results['val_top1_best']:.2f} | {results['test_top1_best']:.2f} | {results['test_top5_best']:.2f} | {results['test_ece_best']:.2f} |",
-        f"| last | {config.train.epochs} | {results['val_top1_last']:.2f} | {results['test_top1_last']:.2f} | {results['test_top5_last']:.2f} | {results['test_ece_last']:.2f} |",
-        "",
-        "Accuracy and calibration (ECE, 15 bins, %) use the class logits only. The checkpoint is chosen on the "
-        "validation split, never on test.",
+        *checkpoint_rows(config, results),
     ]
     agreement = results.get("aspect_agreement_best")
     if agreement:

@@ -49,10 +49,18 @@ class Teacher(Protocol):
     inputs: ClassVar[frozenset[str]]  # optional; see the module docstring
 
     def describe(self) -> dict[str, Any]:
-        """Provenance recorded in the label store: model, revision, prompt, preprocessing, token ids..."""
+        """Provenance recorded in the label store: model, revision, prompt, preprocessing, token ids...
+        (A teacher whose provenance also depends on the question set adds `describe_questions(questions)`.)"""
 
     def score(self, images: Sequence[Image.Image], questions: QuestionSet, **inputs: Any) -> AspectScores:
         """Score every question for every image (one batch; the caller chunks by `batch_size`)."""
+
+
+def provenance(teacher: Teacher, questions: QuestionSet) -> dict[str, Any]:
+    """What the label store records about the teacher: `describe()`, plus, for a teacher that has it,
+    `describe_questions(questions)` (what depends on the question set, e.g. the bridge's ImageNet stand-ins)."""
+    extra = getattr(teacher, "describe_questions", None)
+    return {**teacher.describe(), **(extra(questions) if extra else {})}
 
 
 def teacher_inputs(teacher: Teacher) -> frozenset[str]:

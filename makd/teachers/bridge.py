@@ -4,9 +4,9 @@ No vision-language weights install offline (only PyPI, apt and npm are reachable
 ImageNet classes k:  p_yes(q | x) = sum_k P(k | x) * s(q, k), where P is the EfficientNet-Lite0 posterior and
 s(q, k) = sigmoid(sharpness * z-score over k of cos(MiniLM(q), MiniLM(prompt of class k))).
 
-Defaults, chosen by measuring agreement with Fashion-MNIST's hand-written class answers (50 train images per
-class: mean per-question correlation 0.24 -> 0.43, questions pointing the wrong way 12 -> 7 of 40, with as
-much class information in the answers as before):
+Defaults, chosen by measuring agreement with hand-written class answers (benchmarks/bridge_vocabulary.py,
+docs/teachers.md: Fashion-MNIST, 50 train images per class, mean per-question correlation 0.21 -> 0.43,
+questions pointing the wrong way 11 -> 7 of 40; natural photos 0.44 -> 0.48 and 0.47 -> 0.55):
 - vocabulary "dataset": only the ImageNet classes nearest to the dataset's class names (which the question
   set carries, as the paper's LLM knows them) take part; the posterior is renormalised and s is z-scored over
   them, so "worn on the feet?" is contrasted with shirts and bags rather than with 1,000 animals and tools;
@@ -19,6 +19,7 @@ The bridge always answers yes or no, so its answer mass is 1 by construction.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -41,6 +42,8 @@ DATASET_CLASS_PROMPT = "a photo of a {name}"
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 BORDER = 2  # width in pixels of the frame whose median decides background brightness and padding colour
 P_CLIP = 1e-4  # keeps logit(p) finite: |log-odds| <= 9.21
+POOR_MATCH = 0.6  # a class name whose nearest ImageNet class prompt is less similar than this has no stand-in
+log = logging.getLogger("makd.teachers")
 
 
 @TEACHERS.register("bridge")
@@ -80,7 +83,7 @@ class BridgeTeacher:
         vocabulary = (
             "all 1000 ImageNet-1k classes" if o.vocabulary == "imagenet" else
             f"union of the {o.neighbours} ImageNet-1k classes whose prompt is nearest (MiniLM cosine) to "
-            f"'{DATASET_CLASS_PROMPT}' of each dataset class; P(k|x) renormalised and z-scores taken over it"
+            f"'{DATASET_CLASS_PROMPT}' of each dataset class (stand_ins); P(k|x) renormalised and z-scores taken over it"
         )
         return {
             "name": self.name,
@@ -107,6 +110,32 @@ class BridgeTeacher:
             "options": o.model_dump(exclude={"batch_size", "forward_batch", "device"}),
             "mass": "1 by construction: the bridge always answers yes or no",
         }
+
+    def describe_questions(self, questions: QuestionSet) -> dict[str, Any]:
+        """Provenance that depends on the question set: which ImageNet classes stand for each dataset class and how
+        close their prompts are (MiniLM cosine). Warns when a class name has no close ImageNet class: the teacher
+        then answers about something else."""
+        stand_ins = self.stand_ins(questions.classes)
+        poor = {c: s[0] for c, s in stand_ins.items() if s[0]["cosine"] < POOR_MATCH}
+        if poor:
+            shown = ", ".join(f"{c!r} -> {s['imagenet']!r} ({s['cosine']:.2f})" for c, s in list(poor.items())[:4])
+            log.warning("warning: bridge teacher: %d of %d class names have no close ImageNet class (cosine < %s): %s%s; "
+                        "its answers about those classes follow other things (check them with `makd labels show`)",
+                        len(poor), len(stand_ins), POOR_MATCH, shown, ", ..." if len(poor) > 4 else "")
+        return {"stand_ins": stand_ins}
+
+    def stand_ins(self, classes: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per dataset class, its `neighbours` nearest ImageNet classes (prompt cosine), nearest first."""
+        names, _ = imagenet_classes()
+        cos, top = self._nearest(classes)
+        # Two decimals: the store compares provenance on resume, and other CPUs may differ in the last bits.
+        return {c: [{"imagenet": names[k], "cosine": round(float(cos[i, k]), 2)} for k in top[i]]
+                for i, c in enumerate(classes)}
+
+    def _nearest(self, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine [C, 1000] of each dataset class's prompt to each ImageNet class's, the `neighbours` nearest)."""
+        cos = self.encode([DATASET_CLASS_PROMPT.format(name=c) for c in classes]) @ self.class_embeddings.T
+        return cos, np.argsort(-cos, axis=1, kind="stable")[:, : self.options.neighbours]
 
     def score(self, images: Sequence[Image.Image], questions: QuestionSet) -> AspectScores:
         if not images:
@@ -143,11 +172,7 @@ class BridgeTeacher:
     def _compute_relevance(self, questions: QuestionSet) -> tuple[np.ndarray, np.ndarray]:
         o = self.options
         classes = self.class_embeddings
-        if o.vocabulary == "dataset":
-            names = self.encode([DATASET_CLASS_PROMPT.format(name=c) for c in questions.classes])
-            vocab = nearest_vocabulary(names, classes, o.neighbours)
-        else:
-            vocab = np.arange(len(classes))
+        vocab = np.unique(self._nearest(questions.classes)[1]) if o.vocabulary == "dataset" else np.arange(len(classes))
         cos = (classes[vocab] @ self.encode(questions.texts).T).astype(np.float64)
         return vocab, sigmoid(o.sharpness * zscore(cos, axis=0))
 
@@ -219,12 +244,6 @@ def pad_square(img: Image.Image, margin: float) -> Image.Image:
 
 
 # ---- vocabulary and relevance -----------------------------------------------------------------------------
-
-
-def nearest_vocabulary(dataset: np.ndarray, imagenet: np.ndarray, per_class: int) -> np.ndarray:
-    """Sorted union of the `per_class` ImageNet classes most similar to each dataset class (unit embeddings)."""
-    top = np.argsort(-(dataset @ imagenet.T), axis=1, kind="stable")[:, :per_class]
-    return np.unique(top)
 
 
 def zscore(x: np.ndarray, axis: int) -> np.ndarray:
