@@ -95,7 +95,7 @@ LIGHT = [["--help"], ["questions", "show", "makd:fashion_mnist/questions.json"],
 
 @pytest.mark.parametrize("argv", LIGHT, ids=lambda a: " ".join(a[:2]))
 def test_light_commands_do_not_import_torch(labelled, tmp_path, argv):
-    (tmp_path / "q.txt").write_text("Is it red?\nIs it round?\n")
+    (tmp_path / "q.txt").write_text("Is the item red in colour?\nIs the object round in shape?\n")
     argv = [a.format(q_txt=tmp_path / "q.txt", tmp=tmp_path, store=labelled / "labels", config=labelled / "c.yaml")
             for a in argv]
     code = ("import sys\nfrom makd.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
