@@ -195,8 +195,9 @@ class ClassificationTask(Task):
 
     def validate(self) -> dict[str, float]:
         cfg = self.config
-        preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
-                        cfg.train.channels_last, cfg.data.num_workers)
+        with self._autocast:  # validation in the training precision (bf16 on a CPU that has it is ~2x faster)
+            preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
+                            cfg.train.channels_last, cfg.data.num_workers)
         return {"val_top1": topk_accuracy(preds.class_logits, preds.targets)}
 
     def student_meta(self, epoch: int) -> dict[str, Any]:
