@@ -21,19 +21,21 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss terms per epoch (left) and train/validation top-1 (right)."""
+def training_curves(history: list[dict[str, Any]], path: Path, metric: str = "top1", label: str = "top-1 (%)",
+                    title: str = "accuracy (class logits)") -> None:
+    """Loss terms per epoch (left) and train (when logged)/validation `metric` (right)."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in [k for k in history[0] if k.startswith("loss")]:
         ax_loss.plot(epochs, [row.get(key, np.nan) for row in history], label=key.removeprefix("loss_") if key != "loss" else "total")
     ax_loss.set(xlabel="epoch", ylabel="weighted loss", yscale="log", title="training loss by term")
     ax_loss.legend(fontsize=8)
-    ax_acc.plot(epochs, [row["train_top1"] for row in history], label="train")
-    val = [(row["epoch"], row["val_top1"]) for row in history if "val_top1" in row]
+    if f"train_{metric}" in history[0]:
+        ax_acc.plot(epochs, [row[f"train_{metric}"] for row in history], label="train")
+    val = [(row["epoch"], row[f"val_{metric}"]) for row in history if f"val_{metric}" in row]
     if val:
         ax_acc.plot(*zip(*val), marker="o", ms=3, label="validation")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy (class logits)")
+    ax_acc.set(xlabel="epoch", ylabel=label, title=title)
     ax_acc.legend(fontsize=8)
     _save(fig, path)
 
