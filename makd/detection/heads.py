@@ -77,10 +77,9 @@ class AspectRoIHeads(RoIHeads):
         """Aspect logits of given boxes (detections, or ground truth), from their region features."""
         if self.aspect_score is None:
             raise ValueError("this detector has no aspect head")
-        if sum(len(b) for b in boxes) == 0:
-            return [b.new_zeros((0, self.num_aspects)) for b in boxes]
         feats = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
-        return list(self.aspect_score(feats).split([len(b) for b in boxes]))
+        logits = self.aspect_score(feats)
+        return [logits] if len(boxes) == 1 else list(logits.split([len(b) for b in boxes]))  # one image: traceable
 
 
 class AspectFCOSHead(FCOSHead):

@@ -40,7 +40,7 @@ def training_curves(history: list[dict[str, Any]], path: Path, metric: str = "to
     _save(fig, path)
 
 
-def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str) -> None:
+def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str, ylabel: str = "test top-1 (%)") -> None:
     """One point per seed, with mean ± std per method."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(accuracies), 3.8))
     rng = np.random.default_rng(0)
@@ -50,7 +50,7 @@ def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: st
         ax.errorbar(i + 0.22, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, fmt="s", color="k",
                     capsize=4, zorder=4)
     ax.set_xticks(range(len(accuracies)), list(accuracies), rotation=10)
-    ax.set(ylabel="test top-1 (%)", title=title)
+    ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
