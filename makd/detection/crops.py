@@ -82,6 +82,11 @@ def crops_to_label(config: Config) -> BoxCrops:
                              paths=[crops.paths[k] for k in keep], info=crops.info, crops=[crops.crops[k] for k in keep])
         parts.append(crops)
     crops = concat_crops(parts, "+".join(config.labels.splits))
+    if len(set(crops.sample_ids)) != len(crops):
+        seen: set[str] = set()
+        twice = next(sid for sid in crops.sample_ids if sid in seen or seen.add(sid))
+        raise MakdError(f"labels.splits {config.labels.splits}: box {twice!r} (<image id>/<annotation id>) occurs twice; "
+                        "image and annotation ids must be unique across the COCO files, as COCO's own are")
     if not len(crops):
         raise MakdError(f"labels.splits {config.labels.splits}: these splits have no boxes to label")
     return crops

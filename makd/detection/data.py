@@ -187,7 +187,7 @@ def _annotation(aid: int, image_id: int, category_id: int, box: list[float], cro
 # -- the offline default: canvases of Fashion-MNIST items -------------------------------------------------------
 CANVAS_DEFAULTS: dict[str, Any] = {"train": 300, "val": 100, "test": 200, "size": 128, "min_items": 1, "max_items": 4,
                                    "min_item": 28, "max_item": 56, "max_iou": 0.1, "seed": 0}
-CANVAS_FORMAT = "makd.canvases/1"
+CANVAS_FORMAT = "makd.canvases/2"  # 2: image and annotation ids unique across the splits
 # Items come from disjoint pools: training and validation canvases from the Fashion-MNIST training split, test
 # canvases from its test split.
 POOLS = {"train": ("train", 0, 50000), "val": ("train", 50000, 60000), "test": ("test", 0, 10000)}
@@ -244,23 +244,24 @@ def make_canvases(items: np.ndarray, item_labels: np.ndarray, count: int, opts: 
 
 
 def write_coco(root: Path, split: str, images: np.ndarray, boxes: list[np.ndarray], labels: list[np.ndarray],
-               class_names: list[str]) -> None:
-    """PNGs in root/<split>/ and root/annotations/instances_<split>.json (image ids from 1, annotation ids from 1)."""
+               class_names: list[str], first_id: int = 1) -> None:
+    """PNGs in root/<split>/ and root/annotations/instances_<split>.json; image and annotation ids count from
+    `first_id` (give each split its own range: box sample ids `<image id>/<annotation id>` must be unique, as COCO's are)."""
     (root / split).mkdir(parents=True, exist_ok=True)
-    records, ann_ids, aid = [], [], 1
+    records, ann_ids, aid = [], [], first_id
     for i, img in enumerate(images):
-        Image.fromarray(img).save(root / split / f"{i + 1:06d}.png")
-        records.append(i + 1)
+        Image.fromarray(img).save(root / split / f"{first_id + i:07d}.png")
+        records.append(first_id + i)
         ann_ids.append(np.arange(aid, aid + len(boxes[i]), dtype=np.int64))
         aid += len(boxes[i])
     h, w = images.shape[1:3]
-    gt = DetectionSplit(split, records, [root / split / f"{i:06d}.png" for i in records], [(h, w)] * len(records),
+    gt = DetectionSplit(split, records, [root / split / f"{i:07d}.png" for i in records], [(h, w)] * len(records),
                         boxes, labels, ann_ids, class_names, list(range(1, len(class_names) + 1)))
     write_json(root / "annotations" / f"instances_{split}.json", coco_ground_truth(gt))
 
 
 def default_canvas_root(opts: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([CANVAS_FORMAT, opts], sort_keys=True).encode()).hexdigest()[:10]
     return Path(os.environ.get("MAKD_CACHE", Path.home() / ".cache" / "makd")) / f"canvases-{key}"
 
 
@@ -271,7 +272,7 @@ def ensure_canvases(config: Config) -> Path:
     manifest = {"format": CANVAS_FORMAT, "options": opts, "fashion_mnist": str(config.data.root or "default")}
     if (root / "canvases.json").is_file():
         found = read_json(root / "canvases.json", "canvas manifest")
-        if found.get("options") != opts:
+        if found.get("options") != opts or found.get("format") != CANVAS_FORMAT:
             raise MakdError(f"detection.root {root} holds canvases made with other options ({found.get('options')}): "
                             "use another folder")
         return root
@@ -287,7 +288,7 @@ def ensure_canvases(config: Config) -> Path:
             rng = np.random.default_rng([int(opts["seed"]), list(POOLS).index(split)])
             canvases, boxes, labels = make_canvases(items.array[start:stop], items.targets[start:stop], int(opts[split]),
                                                     opts, rng)
-            write_coco(tmp, split, canvases, boxes, labels, items.class_names)
+            write_coco(tmp, split, canvases, boxes, labels, items.class_names, first_id=1 + 1_000_000 * list(POOLS).index(split))
         write_json(tmp / "canvases.json", manifest)
         if root.exists():
             root.rmdir()
