@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from makd.config import Config, resolve_path
+from makd.config import Config
 from makd.data.base import ImageSplit, load_image, per_class_sample
 from makd.detection.data import DetectionSplit, build_detection_splits
 from makd.errors import MakdError
-from makd.labels import LabelStore, label_split
-from makd.questions import QuestionSet
-from makd.teachers import build_teacher
+from makd.labels import LabelStore, label_from_config
 
 
 def crop_box(box: np.ndarray, size: tuple[int, int], margin: float, min_side: int) -> tuple[int, int, int, int]:
@@ -95,18 +93,4 @@ def crops_to_label(config: Config) -> BoxCrops:
 def label_boxes_from_config(config: Config, *, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> LabelStore:
     """`makd label` for `task: detection`: every box crop of the configured splits, answered by the configured
     teacher, into the label store at `labels.path`."""
-    if not config.labels.path:
-        raise MakdError("labels.path: where should the label store go? (e.g. labels.path=labels/my-boxes)")
-    if not config.questions:
-        raise MakdError("questions: a question-set JSON is needed to label (see `makd questions --help`)")
-    unknown = set(config.labels.max_per_class) - set(config.labels.splits)
-    if unknown:
-        raise MakdError(f"labels.max_per_class: {sorted(unknown)[0]!r} is not one of labels.splits {config.labels.splits}")
-    questions = QuestionSet.load(resolve_path(config.questions))
-    crops = crops_to_label(config)
-    if list(questions.classes) != crops.class_names:
-        raise MakdError(f"question set {config.questions} is for classes {list(questions.classes)[:3]}..., "
-                        f"the detection data has {crops.class_names[:3]}...")
-    return label_split(crops, build_teacher(config.teacher), questions, config.labels.path,
-                       shard_size=config.labels.shard_size, rank=rank, world_size=world_size, overwrite=overwrite,
-                       progress=config.train.progress)
+    return label_from_config(config, rank=rank, world_size=world_size, overwrite=overwrite, samples=crops_to_label)

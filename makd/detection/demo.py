@@ -16,6 +16,7 @@ import numpy as np
 
 from makd.atomic import write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
+from makd.demo import BASELINE, CONTROL, MAKD, METHODS, SLUGS, agreement_by_method, run_config
 from makd.detection.crops import crops_to_label, label_boxes_from_config
 from makd.detection.data import build_detection_splits
 from makd.detection.model_file import load_detector
@@ -28,9 +29,6 @@ from makd.report.teacher import teacher_quality
 
 log = logging.getLogger("makd.demo")
 
-BASELINE, MAKD, CONTROL = "CE", "CE + aspects (MaKD)", "CE + permuted aspects"
-METHODS: dict[str, list[str]] = {BASELINE: ["loss.aspect_bce.weight=0"], MAKD: [], CONTROL: ["labels.permute=images"]}
-SLUGS = {BASELINE: "ce", MAKD: "makd", CONTROL: "permuted"}
 METRICS = {"map": "mAP@[.5:.95]", "map50": "mAP50"}
 
 
@@ -44,12 +42,6 @@ def demo_config(out: Path, overrides: list[str]) -> Config:
     base["detection"]["root"] = str(out / "canvases")
     base["out"] = str(out / "runs" / "run")
     return load_config(base=base, overrides=overrides)
-
-
-def run_config(config: Config, out: Path, method: str, seed: int) -> Config:
-    name = f"{SLUGS[method]}-s{seed}"
-    return load_config(base=to_dict(config), overrides=METHODS[method] + [
-        f"train.seed={seed}", f"out={out / 'runs' / name}", f"name={name}", "train.progress=false"])
 
 
 def comparison(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, Any]]:
@@ -88,16 +80,6 @@ def verdict(numbers: dict[str, Any]) -> str:
         text += (" — the benefit needs box-specific aspects." if d["low"] > 0 and d["mean"] > c["high"] else ".")
         parts.append(text)
     return " ".join(parts)
-
-
-def agreement_by_method(results: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
-    """Mean over seeds of the per-question correlation between aspect head and teacher on test boxes."""
-    out = {}
-    for method in (MAKD, CONTROL):
-        rows = [r["aspect_agreement_best"]["per_question_correlation"] for r in results[method] if "aspect_agreement_best" in r]
-        if rows:
-            out[method] = np.nanmean(np.asarray(rows, dtype=np.float64), axis=0)
-    return out
 
 
 def gallery(config: Config, model_file: Path, path: Path, count: int = 8) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.models.detection import FasterRCNN
 
 from makd.atomic import write_json, write_text
-from makd.config import Config, LossTerm, resolve_path, to_dict
+from makd.config import Config, LossTerm, to_dict
 from makd.detection.data import DetectionSplit, build_detection_splits, describe_detection_splits
 from makd.detection.evaluate import detect, evaluate_detector
 from makd.detection.metrics import box_map
@@ -31,7 +31,7 @@ from makd.detection.pipeline import (
     load_tensor,
     orientation_groups,
 )
-from makd.engine.classification import permute_targets
+from makd.engine.classification import open_aspect_labels, permute_targets
 from makd.engine.distributed import Dist
 from makd.engine.seeding import derive_seed, seed_step
 from makd.engine.tasks import TASKS, Task
@@ -67,14 +67,7 @@ def loss_weights(loss: dict[str, LossTerm]) -> tuple[float, float, dict[str, Any
 def load_box_targets(config: Config, train: DetectionSplit) -> tuple[BoxTargets, QuestionSet, LabelStore]:
     """Teacher rows of the training boxes (by sample id `<image id>/<annotation id>`; boxes without one weigh 0),
     permuted across boxes for the `labels.permute` controls."""
-    if not config.questions or not config.labels.path:
-        raise MakdError("an aspect loss is on: set `questions` (question-set JSON) and `labels.path` (label store of box crops)")
-    questions = QuestionSet.load(resolve_path(config.questions))
-    store = LabelStore.open(config.labels.path)
-    store.check_questions(questions, str(config.questions))
-    if list(questions.classes) != train.class_names:
-        raise MakdError(f"question set {config.questions} lists classes {list(questions.classes)[:4]}..., "
-                        f"the detection data has {train.class_names[:4]}...")
+    questions, store = open_aspect_labels(config, train.class_names)
     positions, logodds, mass = store.available(train.all_box_ids())
     if not len(positions):
         raise MakdError(f"label store {store.path} has no row for any training box (sample ids <image id>/<annotation "
