@@ -362,3 +362,19 @@ def test_aspect_head_reads_ground_truth_boxes_and_bad_configs_are_one_line(label
     with pytest.raises(MakdError, match="was made for question set"):
         Trainer(load_config(overrides=labelled + [f"questions={tmp_path / 'other.json'}"]))
     assert LabelStore.open(labelled[-1].split("=", 1)[1]).meta["dataset"]["crops"] == {"margin": 0.1, "min_side": 32}
+
+
+def test_paper_coco_configs():
+    """configs/paper/coco/: Faster R-CNN R18/R50-FPN, the 1x schedule, multi-scale, COCO folders; every key valid."""
+    from pathlib import Path
+
+    from makd.detection.models import detector_options
+
+    coco = Path(__file__).resolve().parent.parent / "configs" / "paper" / "coco"
+    for student, name in (("r18_fpn", "fasterrcnn_resnet18_fpn"), ("r50_fpn", "fasterrcnn_resnet50_fpn")):
+        config = load_config([coco / "recipe.yaml", coco / f"{student}.yaml"])
+        options = detector_options(config.detection.model)
+        assert (config.task, options.name, config.train.epochs, config.schedule.milestones) == ("detection", name, 12, [8, 11])
+        assert options.sizes == (640, 672, 704, 736, 768, 800) and options.max_size == 1333 and options.backbone_weights
+        assert 0 < config.schedule.warmup_epochs < 1 and config.detection.dataset == "coco" and config.detection.group_aspect_ratio
+        assert config.detection.test_annotations.endswith("instances_val2017.json") and config.loss["aspect_bce"].weight > 0

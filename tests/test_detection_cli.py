@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from makd.config import load_config
-from makd.detection.data import ensure_canvases, read_coco
+from makd.detection.data import build_detection_splits, ensure_canvases
 from makd.detection.model_file import load_detector
 from makd.labels import LabelStore
 
@@ -84,8 +84,9 @@ def test_coco_folder_label_train_evaluate_predict_export(coco_project):
     assert {n: (labels / n).stat().st_mtime_ns for n in done} == done  # finished shards were not recomputed
     assert "complete: every sample covered exactly once" in makd("labels", "check", "labels", cwd=root).stdout
     ids, logodds, _ = LabelStore.open(labels).read()
-    train = read_coco(root / "coco" / "train2017", root / "coco" / "annotations" / "instances_train2017.json", "train")
-    assert set(train.all_box_ids()) <= set(ids) and all("/" in i for i in ids) and logodds.shape[1] == 40
+    splits = build_detection_splits(load_config(root / "config.yaml"))
+    train, test = splits["train"], splits["test"]
+    assert ids == train.all_box_ids() + test.all_box_ids() and logodds.shape[1] == 40  # validation boxes are not labelled
     makd("labels", "export", "labels", "-o", "targets.json", cwd=root)
     assert set(json.loads((root / "targets.json").read_text())) == set(ids)
 
@@ -93,7 +94,7 @@ def test_coco_folder_label_train_evaluate_predict_export(coco_project):
     assert "test mAP" in out and "mAP50" in out
     run = root / "runs" / "coco-tiny"
     results = json.loads((run / "results.json").read_text())
-    assert results["aspect_agreement_best"]["num_boxes"] == sum(1 for i in ids if not i.startswith(tuple(f"{x}/" for x in train.image_ids)))
+    assert results["aspect_agreement_best"]["num_boxes"] == test.num_boxes
     assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
     splits = json.loads((run / "splits.json").read_text())
     assert splits["train"]["num_images"] + splits["val"]["num_images"] == 11  # 3 training images held out for validation
