@@ -378,3 +378,24 @@ def test_paper_coco_configs():
         assert options.sizes == (640, 672, 704, 736, 768, 800) and options.max_size == 1333 and options.backbone_weights
         assert 0 < config.schedule.warmup_epochs < 1 and config.detection.dataset == "coco" and config.detection.group_aspect_ratio
         assert config.detection.test_annotations.endswith("instances_val2017.json") and config.loss["aspect_bce"].weight > 0
+
+
+def test_backbone_weights_from_a_local_file_and_the_mobilenet_builder(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(7)
+    state = resnet18(weights=None).state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    options = DetectorOptions(name="fasterrcnn_resnet18_fpn", backbone_weights=str(tmp_path / "r18.pth"), min_size=64, max_size=64)
+    model = build_detector(options, 3, 2, 3, (0.5,) * 3, (0.25,) * 3)
+    body = model.backbone.body
+    assert torch.equal(body.conv1.weight, state["conv1.weight"]) and torch.equal(body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert not body.conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad  # 3 trainable stages
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(MakdError, match="matches only 0 of the"):
+        build_detector(DetectorOptions(name="fasterrcnn_resnet18_fpn", backbone_weights=str(tmp_path / "other.pth")), 3, 0, 3,
+                       (0.5,) * 3, (0.25,) * 3)
+    mobile = build_detector(DetectorOptions(name="fasterrcnn_mobilenet_v3_large_fpn", min_size=64, max_size=64), 3, 2, 3,
+                            (0.5,) * 3, (0.25,) * 3).train()
+    losses = mobile([torch.rand(3, 64, 64)], [one_image_target(q=2, boxes=((4.0, 4.0, 40.0, 44.0),))])
+    assert {"loss_classifier", "loss_objectness", "loss_aspect"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())

@@ -208,7 +208,7 @@ def fasterrcnn_mobilenet(o: DetectorOptions, num_classes: int, num_aspects: int,
     _check_rgb("fasterrcnn_mobilenet_v3_large_fpn", in_chans)
     net = models.mobilenet_v3_large(weights=None, norm_layer=misc.FrozenBatchNorm2d if o.backbone_weights else nn.BatchNorm2d)
     _load_backbone(net, o, "MobileNet_V3_Large_Weights")
-    backbone = mobilenet_backbone("mobilenet_v3_large", weights=None, fpn=True,
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
                                   trainable_layers=o.trainable_layers if o.backbone_weights else 6)
     backbone.body.load_state_dict({k.removeprefix("features."): v for k, v in net.state_dict().items()
                                    if k.startswith("features.")}, strict=False)
