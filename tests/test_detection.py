@@ -31,7 +31,7 @@ from makd.engine.trainer import Trainer
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 
-CANVASES = ["task=detection", "detection.canvases={train: 12, val: 6, test: 6}", "train.progress=false",
+CANVASES = ["task=detection", "detection.canvases={train: 12, val: 6, test: 6}", "train.progress=false", "train.threads=1",
             "train.tensorboard=false", "train.batch_size=4", "train.eval_every=1", "optim.lr=0.01", "train.eval_batch_size=8"]
 
 

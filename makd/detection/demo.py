@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from makd.atomic import write_json, write_text
 from makd.config import Config, builtin_config, load_config, resolve_path, to_dict
@@ -98,6 +99,8 @@ def gallery(config: Config, model_file: Path, path: Path, count: int = 8) -> Non
 def run_detection_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(out, list(overrides or []) + ([] if progress else ["train.progress=false"]))
+    if config.train.threads:  # labelling too
+        torch.set_num_threads(config.train.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     questions = QuestionSet.load(resolve_path(config.questions))
