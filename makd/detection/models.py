@@ -1,6 +1,6 @@
 """Detectors by name (`detection.model.name`), each with the per-box aspect head of makd/detection/heads.py:
 
-- `tiny`: a ~0.3 M-parameter Faster R-CNN for the offline canvases (a 3-stage stride-8 GroupNorm CNN, 9 anchors,
+- `tiny`: a ~0.34 M-parameter Faster R-CNN for the offline canvases (a 3-stage stride-8 GroupNorm CNN, 9 anchors,
   RoIAlign 5x5, a 128-d TwoMLPHead), trains on 2 CPU cores in seconds per epoch;
 - `fasterrcnn_resnet18_fpn`, `fasterrcnn_resnet50_fpn`, `fasterrcnn_mobilenet_v3_large_fpn`, `fcos_resnet50_fpn`:
   torchvision's architectures, with backbone weights from a local file (a state dict of the torchvision
