@@ -39,7 +39,7 @@ def describe_boxes(out: dict[str, torch.Tensor], meta: dict[str, Any], score_thr
         entry: dict[str, Any] = {"class": meta["classes"][label], "score": float(out["scores"][k]),
                                  "box": [round(float(v), 1) for v in out["boxes"][k]]}
         if "aspect_logits" in out and top_aspects > 0:
-            p_yes = sigmoid(out["aspect_logits"][k].double().numpy())
+            p_yes = sigmoid(out["aspect_logits"][k].detach().double().numpy())
             order = np.argsort(-np.abs(p_yes - 0.5))[:top_aspects]
             entry["aspects"] = [{"question": meta["questions"][j]["text"], "p_yes": float(p_yes[j])} for j in order]
         boxes.append(entry)
