@@ -146,7 +146,11 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 def cmd_labels_import(args: argparse.Namespace) -> int:
     from makd.labels.official import import_official
 
-    store, imported, unmatched = import_official(_load(args), args.file, args.output, overwrite=args.overwrite)
+    config = _load(args)
+    samples = None
+    if config.task == "detection":  # keys are box sample ids <image id>/<annotation id>
+        from makd.detection.crops import crops_to_label as samples
+    store, imported, unmatched = import_official(config, args.file, args.output, overwrite=args.overwrite, samples=samples)
     print(f"label store {store.path}: {imported} samples imported from {args.file}"
           + (f"; {unmatched} keys matched no sample of labels.splits and were skipped" if unmatched else ""))
     return 0

@@ -399,3 +399,17 @@ def test_backbone_weights_from_a_local_file_and_the_mobilenet_builder(tmp_path):
                             (0.5,) * 3, (0.25,) * 3).train()
     losses = mobile([torch.rand(3, 64, 64)], [one_image_target(q=2, boxes=((4.0, 4.0, 40.0, 44.0),))])
     assert {"loss_classifier", "loss_objectness", "loss_aspect"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_official_json_round_trip_of_box_labels(labelled, tmp_path):
+    from makd.detection.crops import crops_to_label
+    from makd.labels.official import export_official, import_official
+
+    config = load_config(overrides=labelled + ["labels.splits=[train, test]"])
+    store = LabelStore.open(config.labels.path)
+    assert export_official(store, tmp_path / "targets.json") == store.meta["num_samples"]
+    imported, count, unmatched = import_official(config, tmp_path / "targets.json", tmp_path / "imported", samples=crops_to_label)
+    ids, logodds, _ = store.read()
+    again, relogodds, _ = imported.read()
+    assert (count, unmatched) == (len(ids), 0) and again == ids and "/" in ids[0]
+    np.testing.assert_allclose(relogodds, logodds, atol=1e-4)
