@@ -125,7 +125,7 @@ class DetectionConfig(Section):
 
     dataset: str = Field("canvases", description="canvases (the embedded offline default: Fashion-MNIST items on "
                          "seeded canvases, written as COCO JSON + PNGs) or coco (images folders + instances JSON)")
-    root: str | None = Field(None, description="canvases: folder they are written to (default: ~/.cache/makd/canvases)")
+    root: str | None = Field(None, description="canvases: folder they are written to (default: $MAKD_CACHE or ~/.cache/makd, /canvases-<hash>)")
     canvases: dict[str, Any] = Field(default_factory=dict, description="canvas options, e.g. {train: 300, size: 128}")
     train_images: str | None = Field(None, description="coco: training images folder")
     train_annotations: str | None = Field(None, description="coco: training instances JSON")
