@@ -28,6 +28,7 @@ pipeline:
   torchrun --nproc_per_node=N -m makd train -c my.yaml      the same training on N processes (DDP)
   makd predict -m runs/x/best.safetensors photo.jpg         class + top aspects per image
   makd demo                                                 every stage on the embedded offline default
+  makd demo detection                                       the same for object detection (task: detection)
 
 All stages read one YAML config: `makd <command> -c my.yaml --print-config` prints it resolved, every key with
 its default and what it means (`makd demo --print-config`: the demo's). Relative paths in a config file are
@@ -139,6 +140,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     config = _load(args)
     rank, world = args.shard or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if config.task == "detection":  # one sample per ground-truth box crop, id <image id>/<annotation id>
+        from makd.detection.crops import label_boxes_from_config as label_from_config
     store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite)
     missing = store.missing_shards()
     print(f"label store {store.path}: {store.meta['num_samples']} samples x {store.num_questions} questions, "
@@ -197,7 +200,10 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
     from makd.labels.official import import_official
 
     config = _load(args)
-    store, imported, unmatched = import_official(config, args.file, args.output, overwrite=args.overwrite)
+    samples = None
+    if config.task == "detection":  # keys are box sample ids <image id>/<annotation id>
+        from makd.detection.crops import crops_to_label as samples
+    store, imported, unmatched = import_official(config, args.file, args.output, overwrite=args.overwrite, samples=samples)
     print(f"label store {store.path}: {imported} samples imported from {args.file}"
           + (f"; {unmatched} keys matched no sample of labels.splits and were skipped" if unmatched else ""))
     for split in split_coverage(config, store.check().sample_ids):
@@ -211,19 +217,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     results = train(config, resume=args.resume == "auto")
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one summary line
-        report = Path(config.out) / "report.md"
-        if results["val_top1_best"] is None:
-            print(f"test top-1 {results['test_top1_last']:.2f} (last epoch: no validation images); report: {report}")
-        else:
-            print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch "
-                  f"{results['best_epoch']}), {results['test_top1_last']:.2f} (last epoch); report: {report}")
+    report = Path(config.out) / "report.md"
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary line
+        pass
+    elif config.task == "detection":
+        print(f"test mAP {results['test_map_best']:.2f} / mAP50 {results['test_map50_best']:.2f} (checkpoint best on "
+              f"validation, epoch {results['best_epoch']}), mAP {results['test_map_last']:.2f} (last epoch); "
+              f"report: {report}")
+    elif results["val_top1_best"] is None:
+        print(f"test top-1 {results['test_top1_last']:.2f} (last epoch: no validation images); report: {report}")
+    else:
+        print(f"test top-1 {results['test_top1_best']:.2f} (checkpoint best on validation, epoch "
+              f"{results['best_epoch']}), {results['test_top1_last']:.2f} (last epoch); report: {report}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from makd.detection.model_file import is_detector_file
     from makd.evaluate import evaluate_file
 
+    if is_detector_file(args.model):  # mAP, mAP50, mAP75; aspect agreement on the split's labelled boxes
+        from makd.detection.evaluate import evaluate_detector_file as evaluate_file
     report = evaluate_file(args.model, split=args.split, labels=args.labels, overrides=args.overrides)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -234,14 +248,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("\n".join(f"{k}: {v}" for k, v in part.items() if not isinstance(v, (list, dict))))
         aspects = part.get("aspects")
         if aspects:
-            print(f"aspect head vs teacher ({aspects['num_images']} images): mean correlation "
+            print(f"aspect head vs teacher ({aspects.get('num_boxes', aspects['num_images'])} "
+                  f"{'boxes' if 'num_boxes' in aspects else 'images'}): mean correlation "
                   f"{aspects['mean_correlation']:.3f}, mean AUROC {aspects['mean_auroc'] if aspects['mean_auroc'] is None else round(aspects['mean_auroc'], 3)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from makd.detection.model_file import is_detector_file
     from makd.export import export_onnx
 
+    if is_detector_file(args.model):  # one image in; boxes, labels, scores (and aspect logits) out
+        from makd.detection.predict import export_detector_onnx as export_onnx
     report = export_onnx(args.model, args.output, aspects=not args.no_aspects, opset=args.opset)
     print(f"wrote {report['output']}: outputs {', '.join(report['outputs'])}, input {report['input']}; "
           f"max |ONNX - PyTorch| {report['max_abs_diff']:.2g} ({report['checked_with']})")
@@ -249,8 +267,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from makd.detection.model_file import is_detector_file
     from makd.predict import predict_files
 
+    if is_detector_file(args.model):
+        return _predict_detections(args)
     results = predict_files(args.model, args.images, top_aspects=args.top_aspects)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -262,15 +283,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_detections(args: argparse.Namespace) -> int:
+    from makd.detection.predict import predict_detection_files
+
+    results = predict_detection_files(args.model, args.images, top_aspects=min(args.top_aspects, 3) if args.top_aspects
+                                      else 0, score_threshold=args.score_threshold, out_dir=args.out_dir)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['image']}: {len(r['boxes'])} boxes (score >= {args.score_threshold}), drawn to {r['drawn']}")
+        for b in r["boxes"]:
+            print(f"  {b['class']} {100 * b['score']:.1f}% at {b['box']}")
+            for a in b.get("aspects", []):
+                print(f"      {'yes' if a['p_yes'] >= 0.5 else 'no ':>3} {a['p_yes']:.2f}  {a['question']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from makd.config import config_yaml
-    from makd.demo import demo_config, run_demo
 
+    detection = args.overrides[:1] == ["detection"]  # `makd demo detection [key=value ...]`
+    if detection:
+        from makd.detection.demo import demo_config
+        from makd.detection.demo import run_detection_demo as run_demo
+
+        args.overrides = args.overrides[1:]
+        if args.out == "runs/demo":
+            args.out = "runs/demo-detection"
+    else:
+        from makd.demo import demo_config, run_demo
     if args.print_config:
         print(config_yaml(demo_config(Path(args.out), args.overrides)), end="")
         return 0
-    run_demo(Path(args.out), seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress,
-             batch_seeds=args.batch_seeds)
+    run_demo(Path(args.out), seeds=args.seeds or (5 if detection else 10), overrides=args.overrides,
+             progress=not args.no_progress, batch_seeds=args.batch_seeds)
     return 0
 
 
@@ -426,15 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     pr.add_argument("-k", "--top-aspects", type=int, default=5, help="aspects to show per image (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--out-dir", default="predictions", help="detectors: where the drawn images go (default predictions/)")
+    pr.add_argument("--score-threshold", type=float, default=0.5, help="detectors: boxes scoring at least this (default 0.5)")
     pr.set_defaults(func=cmd_predict)
 
-    de = sub.add_parser("demo", help="the whole pipeline on the embedded offline default (Fashion-MNIST)",
+    de = sub.add_parser("demo", help="the whole pipeline on the embedded offline default (Fashion-MNIST); "
+                        "`makd demo detection`: the same for object detection on Fashion-MNIST canvases",
                         description="Questions -> bridge-teacher labels -> CE, MaKD and a permuted-target control over "
                                     "paired seeds (an experiment grid, see `makd experiment`) -> table, report.md and "
-                                    "plots. Resumes where it stopped.",
+                                    "plots. Resumes where it stopped. `makd demo detection [key=value ...]` runs the "
+                                    "detection default (per-box aspects, COCO mAP; output in runs/demo-detection).",
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    de.add_argument("--seeds", type=int, default=10, help="paired seeds per method (default 10)")
+    de.add_argument("--seeds", type=int, help="paired seeds per method (default 10; detection: 5)")
     de.add_argument("--batch-seeds", type=int, default=10,
                     help="seeds of a method trained together as one stacked model (default 10; 1 = one by one)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -130,6 +130,30 @@ class SelectConfig(Section):
     seed: int = Field(0, description="images drawn for data, order for random")
 
 
+class DetectionConfig(Section):
+    """`task: detection` (makd/detection/): where the boxes come from, the detector, its augmentation and crops."""
+
+    dataset: str = Field("canvases", description="canvases (the embedded offline default: Fashion-MNIST items on "
+                         "seeded canvases, written as COCO JSON + PNGs) or coco (images folders + instances JSON)")
+    root: str | None = Field(None, description="canvases: folder they are written to (default: $MAKD_CACHE or ~/.cache/makd, /canvases-<hash>)")
+    canvases: dict[str, Any] = Field(default_factory=dict, description="canvas options, e.g. {train: 300, size: 128}")
+    train_images: str | None = Field(None, description="coco: training images folder")
+    train_annotations: str | None = Field(None, description="coco: training instances JSON")
+    val_images: str | None = None
+    val_annotations: str | None = Field(None, description="coco: null = hold out detection.val_holdout training images")
+    val_holdout: int = Field(500, ge=1, description="coco without val_annotations: training images held out for validation")
+    test_images: str | None = None
+    test_annotations: str | None = Field(None, description="coco: the test split (e.g. val2017)")
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "tiny"},
+                                  description="{name: tiny | fasterrcnn_resnet18_fpn | fasterrcnn_resnet50_fpn | "
+                                  "fasterrcnn_mobilenet_v3_large_fpn | fcos_resnet50_fpn, ...options}")
+    augment: list[str] = Field(default_factory=lambda: ["hflip"], description="any of hflip, scale_jitter, zoom_out, iou_crop")
+    group_aspect_ratio: bool = Field(True, description="batches of images with the same orientation (landscape/portrait)")
+    crop_margin: float = Field(0.1, ge=0, le=1, description="labelling: box crops grow by this fraction of each side")
+    crop_min_side: int = Field(32, ge=1, description="labelling: box crops are at least this many pixels wide and high")
+    map_backend: Literal["faster_coco_eval", "torchmetrics"] = "faster_coco_eval"
+
+
 class Config(Section):
     task: str = Field("classification", description="what is trained: classification, or detection (a registered "
                       "task, makd/engine/tasks.py)")
@@ -150,6 +174,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     select: SelectConfig = SelectConfig()
+    detection: DetectionConfig = DetectionConfig()
 
 
 def resolve_path(value: str) -> Path:

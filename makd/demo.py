@@ -51,13 +51,13 @@ def demo_config(out: Path, overrides: list[str]) -> Config:
     return load_config(base=base, overrides=overrides)
 
 
-def demo_grid(config: Config, out: Path, seeds: int, batch_seeds: int) -> Grid:
+def demo_grid(config: Config, out: Path, seeds: int, batch_seeds: int = 1, metric: str = "test_top1") -> Grid:
     """The comparison as an experiment grid over the resolved demo config (saved as <out>/config.yaml; each cell is
-    an ordinary run in <out>/runs/<method>-s<seed>)."""
+    an ordinary run in <out>/runs/<method>-s<seed>). The detection demo uses it too."""
     save_config(config, out / "config.yaml")
     spec = GridFile(name="comparison", out=str(out.resolve()), configs=[str((out / "config.yaml").resolve())],
                     methods={m: {"overrides": o} for m, o in METHODS.items()}, reference=BASELINE, seeds=seeds,
-                    executor=Executor(batch_seeds=batch_seeds))
+                    metric=metric, executor=Executor(batch_seeds=batch_seeds))
     return Grid(spec, out.resolve(), "makd demo")
 
 

@@ -43,15 +43,21 @@ class AspectTargets:
     mass: torch.Tensor
 
 
-def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
+def open_aspect_labels(config: Config, class_names: list[str]) -> tuple[QuestionSet, LabelStore]:
+    """The configured question set and the label store made for it, checked against the data's classes."""
     if not config.questions or not config.labels.path:
         raise MakdError("an aspect loss is on: set `questions` (question-set JSON) and `labels.path` (label store)")
     questions = QuestionSet.load(resolve_path(config.questions))
     store = LabelStore.open(config.labels.path)
     store.check_questions(questions, str(config.questions))
-    if list(questions.classes) != train.class_names:
+    if list(questions.classes) != class_names:
         raise MakdError(f"question set {config.questions} lists classes {list(questions.classes)[:4]}..., "
-                        f"the dataset has {train.class_names[:4]}...")
+                        f"the dataset has {class_names[:4]}...")
+    return questions, store
+
+
+def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
+    questions, store = open_aspect_labels(config, train.class_names)
     logodds, mass = store.lookup(train.sample_ids)
     logodds, mass = permute_targets(logodds, mass, train.targets, config.labels.permute, config.train.seed)
     return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass))

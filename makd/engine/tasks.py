@@ -21,7 +21,7 @@ from makd.config import Config
 from makd.engine.distributed import Dist
 from makd.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("task", "task", modules=("makd.engine.classification",))
+TASKS: Registry[type["Task"]] = Registry("task", "task", modules=("makd.engine.classification", "makd.detection.task"))
 
 
 def autocast(config: Config, device: torch.device) -> torch.autocast:

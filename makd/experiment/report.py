@@ -14,7 +14,8 @@ from makd.report import plots
 from makd.report.compare import compare_methods, comparison_table
 from makd.report.tables import rows_csv
 
-LABELS = {"test_top1": "test top-1", "test_top5": "test top-5", "val_top1": "validation top-1"}
+LABELS = {"test_top1": "test top-1", "test_top5": "test top-5", "val_top1": "validation top-1", "test_map": "test mAP",
+          "test_map50": "test mAP50", "val_map": "validation mAP"}
 METRICS = ("test_top1_best", "test_top1_last", "test_top5_best", "test_top5_last", "test_ece_best", "test_ece_last",
            "val_top1_best", "best_epoch", "train_seconds")
 
@@ -53,7 +54,7 @@ def write_report(grid: Grid, outcome: Outcome) -> Path:
             if p.same_as is None and p.cell.name in outcome.results]
     write_text(folder / "results.csv", rows_csv(rows) if rows else "run\n")
     variants = list(dict.fromkeys(p.cell.variant_name for p in outcome.plan))
-    lines = [f"# {spec.name}", "", f"Reference method: **{reference}**. Compared: {LABELS[spec.metric]} (%) on class "
+    lines = [f"# {spec.name}", "", f"Reference method: **{reference}**. Compared: {LABELS.get(spec.metric, spec.metric)} (%) on class "
              "logits only; "
              "“best on val” is the checkpoint chosen on the validation split, “last” the final epoch. Δ is the mean "
              "per-seed difference to the reference over the seeds both ran, with a 95 % Student-t interval (and a "
@@ -66,15 +67,15 @@ def write_report(grid: Grid, outcome: Outcome) -> Path:
         results = by_method(outcome, variant)
         if not results:
             continue
-        table, numbers = comparison_table(results, reference, spec.metric, LABELS[spec.metric])
+        table, numbers = comparison_table(results, reference, spec.metric, LABELS.get(spec.metric, spec.metric))
         summary["variants"][variant] = {"methods": numbers}
         lines += [f"## {variant}", "", *table, ""]
         wide.append(wide_row(variant, numbers, reference))
         slug = variant.replace("/", "-")
         plots.accuracy_by_method({m: [r[f"{spec.metric}_best"] for r in sorted(runs, key=lambda r: r["seed"])]
                                   for m, runs in results.items()}, folder / f"seeds-{slug}.png",
-                                 f"{variant}: {LABELS[spec.metric]} per seed (best on val)", LABELS[spec.metric])
-        lines += [f"![per-seed {LABELS[spec.metric]}, {variant}](seeds-{slug}.png)", ""]
+                                 f"{variant}: {LABELS.get(spec.metric, spec.metric)} per seed (best on val)", LABELS.get(spec.metric, spec.metric))
+        lines += [f"![per-seed {LABELS.get(spec.metric, spec.metric)}, {variant}](seeds-{slug}.png)", ""]
         for axis, ablation in spec.ablations.items():
             section = ablation_section(outcome, variant, axis, list(ablation.values), reference, folder, spec.metric)
             if section:
@@ -140,7 +141,7 @@ def ablation_section(outcome: Outcome, variant: str, axis: str, values: list[str
     if not curves:
         return None
     lines = [f"### Ablation: {axis} ({variant})", "",
-             f"| method | {axis} | seeds | {LABELS[metric]}, best on val | Δ vs {reference} [95% t CI] | Δ, last epoch | "
+             f"| method | {axis} | seeds | {LABELS.get(metric, metric)}, best on val | Δ vs {reference} [95% t CI] | Δ, last epoch | "
              "seeds better | verdict |", "|---|---|---|---|---|---|---|---|"]
     for method, points in curves.items():
         for value, n in points:
@@ -150,7 +151,7 @@ def ablation_section(outcome: Outcome, variant: str, axis: str, values: list[str
                          f"{la['mean']:+.2f} [{la['low']:+.2f}, {la['high']:+.2f}] | {b['wins']}/{b['n']} | {b['verdict']} |")
     name = f"ablation-{axis}-{variant.replace('/', '-')}.png"
     plots.ablation_curves({m: [(v, n["best"]["difference"]) for v, n in pts] for m, pts in curves.items()},
-                          folder / name, axis, f"{variant}: Δ {LABELS[metric]} vs {reference} (best on val, 95% t CI)")
+                          folder / name, axis, f"{variant}: Δ {LABELS.get(metric, metric)} vs {reference} (best on val, 95% t CI)")
     lines += ["", f"![ablation {axis}]({name})", ""]
     return {"lines": lines, "numbers": {m: {v: n for v, n in pts} for m, pts in curves.items()}}
 

@@ -5,6 +5,7 @@ whether a store covers the samples a config trains and evaluates on (`split_cove
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,10 @@ def split_coverage(config: Config, stored_ids: pa.Array) -> list[SplitCoverage]:
     return coverage
 
 
-def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, overwrite: bool = False) -> LabelStore:
+def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, overwrite: bool = False,
+                      samples: Callable[[Config], ImageSplit] = samples_to_label) -> LabelStore:
+    """`makd label`: every sample `samples(config)` makes (the configured splits' images, or e.g. box crops for
+    detection), answered by the configured teacher, into the label store at `labels.path`."""
     if not config.labels.path:
         raise MakdError("labels.path: where should the label store go? (e.g. labels.path=labels/my-dataset)")
     if not config.questions:
@@ -95,12 +99,12 @@ def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, ove
     if unknown:
         raise MakdError(f"labels.max_per_class: {sorted(unknown)[0]!r} is not one of labels.splits {config.labels.splits}")
     questions = QuestionSet.load(resolve_path(config.questions))
-    samples = samples_to_label(config)
-    if list(questions.classes) != samples.class_names:
+    split = samples(config)
+    if list(questions.classes) != split.class_names:
         raise MakdError(f"question set {config.questions} is for classes {list(questions.classes)[:3]}..., "
-                        f"the dataset has {samples.class_names[:3]}...")
+                        f"the dataset has {split.class_names[:3]}...")
     teacher = build_teacher(config.teacher)
-    return label_split(samples, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
+    return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
                        rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress)
 
 

@@ -103,10 +103,11 @@ class OfficialTargets:
         return AspectScores(logodds, np.ones_like(logodds))
 
 
-def import_official(config: Any, path: str | Path, out: str | Path | None = None, *,
-                    overwrite: bool = False) -> tuple[LabelStore, int, int]:
-    """Build a label store from an official JSON for the samples of `config` it names.
-    Returns (store, samples imported, keys that matched no sample)."""
+def import_official(config: Any, path: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
+                    samples: Any = None) -> tuple[LabelStore, int, int]:
+    """Build a label store from an official JSON for the samples of `config` it names (`samples(config)` makes them:
+    by default the configured splits' images; box crops for detection). Returns (store, samples imported, keys that
+    matched no sample)."""
     from makd.config import resolve_path
     from makd.labels.job import samples_to_label
 
@@ -118,7 +119,7 @@ def import_official(config: Any, path: str | Path, out: str | Path | None = None
     path = Path(path)
     questions = QuestionSet.load(resolve_path(config.questions))
     data = read_official(path, len(questions))
-    samples = samples_to_label(config)
+    samples = (samples or samples_to_label)(config)
     key_of = match_keys(list(data), samples.sample_ids, path)
     if not key_of:
         raise MakdError(f"{path}: none of its {len(data)} keys (e.g. {next(iter(data))!r}) names a sample of "

@@ -22,12 +22,14 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss terms per epoch (left) and train/validation top-1 (right)."""
-    _save(curves_figure(history), path)
+def training_curves(history: list[dict[str, Any]], path: Path, metric: str = "top1", label: str = "top-1 (%)",
+                    title: str = "accuracy (class logits)") -> None:
+    """Loss terms per epoch (left) and train (when logged)/validation `metric` (right)."""
+    _save(curves_figure(history, metric, label, title), path)
 
 
-def curves_figure(history: list[dict[str, Any]]) -> plt.Figure:
+def curves_figure(history: list[dict[str, Any]], metric: str = "top1", label: str = "top-1 (%)",
+                  title: str = "accuracy (class logits)") -> plt.Figure:
     """The figure of `training_curves`; epochs are whole numbers, so are the epoch ticks."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -35,18 +37,19 @@ def curves_figure(history: list[dict[str, Any]]) -> plt.Figure:
         ax_loss.plot(epochs, [row.get(key, np.nan) for row in history], label=key.removeprefix("loss_") if key != "loss" else "total")
     ax_loss.set(xlabel="epoch", ylabel="weighted loss", yscale="log", title="training loss by term")
     ax_loss.legend(fontsize=8)
-    ax_acc.plot(epochs, [row["train_top1"] for row in history], label="train")
-    val = [(row["epoch"], row["val_top1"]) for row in history if "val_top1" in row]
+    if f"train_{metric}" in history[0]:
+        ax_acc.plot(epochs, [row[f"train_{metric}"] for row in history], label="train")
+    val = [(row["epoch"], row[f"val_{metric}"]) for row in history if f"val_{metric}" in row]
     if val:
         ax_acc.plot(*zip(*val), marker="o", ms=3, label="validation")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy (class logits)")
+    ax_acc.set(xlabel="epoch", ylabel=label, title=title)
     ax_acc.legend(fontsize=8)
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
-def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str, ylabel: str = "test top-1") -> None:
+def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: str, ylabel: str = "test top-1 (%)") -> None:
     """One point per seed, with mean ± std per method."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(accuracies), 3.8))
     rng = np.random.default_rng(0)
@@ -56,7 +59,7 @@ def accuracy_by_method(accuracies: dict[str, list[float]], path: Path, title: st
         ax.errorbar(i + 0.22, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, fmt="s", color="k",
                     capsize=4, zorder=4)
     ax.set_xticks(range(len(accuracies)), list(accuracies), rotation=10)
-    ax.set(ylabel=f"{ylabel} (%)", title=title)
+    ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 

@@ -1,0 +1,146 @@
+"""Detection through the real CLI on a COCO-format folder (label with a SIGKILL and resume -> train -> evaluate ->
+predict -> export), and 2-process DDP training under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from makd.config import load_config
+from makd.detection.data import build_detection_splits, ensure_canvases
+from makd.detection.model_file import load_detector
+from makd.labels import LabelStore
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def makd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "makd", *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"makd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def coco_project(tmp_path_factory):
+    """A user's COCO folder (train/val images + instances JSONs, one training image without boxes) and a config."""
+    root = tmp_path_factory.mktemp("coco-project")
+    canvases = ensure_canvases(load_config(overrides=["task=detection", f"detection.root={root / 'canvases'}",
+                                                      "detection.canvases={train: 10, val: 4, test: 6}"]))
+    coco = root / "coco"
+    for split, folder in (("train", "train2017"), ("val", "val2017")):
+        (coco / folder).mkdir(parents=True)
+        for png in (canvases / split).iterdir():
+            (coco / folder / png.name).write_bytes(png.read_bytes())
+    data = json.loads((canvases / "annotations" / "instances_train.json").read_text())
+    Image.new("L", (128, 128)).save(coco / "train2017" / "empty.png")
+    data["images"].append({"id": 500, "file_name": "empty.png", "height": 128, "width": 128})
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train2017.json").write_text(json.dumps(data))
+    (coco / "annotations" / "instances_val2017.json").write_text((canvases / "annotations" / "instances_val.json").read_text())
+    config = {
+        "task": "detection", "name": "coco-tiny", "out": "runs/coco-tiny", "questions": "makd:fashion_mnist/questions.json",
+        "detection": {"dataset": "coco", "train_images": str(coco / "train2017"),
+                      "train_annotations": str(coco / "annotations" / "instances_train2017.json"), "val_holdout": 3,
+                      "test_images": str(coco / "val2017"), "test_annotations": str(coco / "annotations" / "instances_val2017.json"),
+                      "model": {"name": "tiny"}},
+        "teacher": {"name": "bridge", "batch_size": 1},
+        "labels": {"path": "labels", "splits": ["train", "test"], "shard_size": 4},
+        "train": {"epochs": 2, "batch_size": 4, "eval_every": 1, "progress": False, "tensorboard": False, "threads": 1},
+        "optim": {"lr": 0.01},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_coco_folder_label_train_evaluate_predict_export(coco_project):
+    root = coco_project
+    labels = root / "labels"
+    proc = subprocess.Popen([sys.executable, "-m", "makd", "label", "-c", "config.yaml"], cwd=root, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (labels / "shard-00001.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in labels.glob("shard-*.parquet")}
+    store = LabelStore.open(labels)
+    assert 2 <= len(done) < store.num_shards, "the kill should land between the first and the last shard"
+    makd("label", "-c", "config.yaml", cwd=root)
+    assert {n: (labels / n).stat().st_mtime_ns for n in done} == done  # finished shards were not recomputed
+    assert "complete: every sample covered exactly once" in makd("labels", "check", "labels", cwd=root).stdout
+    ids, logodds, _ = LabelStore.open(labels).read()
+    splits = build_detection_splits(load_config(root / "config.yaml"))
+    train, test = splits["train"], splits["test"]
+    assert ids == train.all_box_ids() + test.all_box_ids() and logodds.shape[1] == 40  # validation boxes are not labelled
+
+    out = makd("train", "-c", "config.yaml", cwd=root).stdout
+    assert "test mAP" in out and "mAP50" in out
+    run = root / "runs" / "coco-tiny"
+    results = json.loads((run / "results.json").read_text())
+    assert results["aspect_agreement_best"]["num_boxes"] == test.num_boxes
+    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["train"]["num_images"] + splits["val"]["num_images"] == 11  # 3 training images held out for validation
+
+    both = json.loads(makd("evaluate", "-m", str(run), "--json", cwd=root).stdout)  # the run folder: best and last
+    report = both["best"]
+    assert report["map"] == pytest.approx(results["test_map_best"], abs=1e-9) and report["num_images"] == 4
+    assert report["aspects"]["num_boxes"] == results["aspect_agreement_best"]["num_boxes"]
+    assert both["last"]["map"] == pytest.approx(results["test_map_last"], abs=1e-9)
+
+    image = sorted((root / "coco" / "val2017").iterdir())[0]
+    printed = json.loads(makd("predict", "-m", str(run / "best.safetensors"), str(image), "--score-threshold", "0.05",
+                              "--out-dir", "drawn", "--json", cwd=root).stdout)[0]
+    assert printed["drawn"] == str(Path("drawn") / f"{image.stem}.pred.png")
+    with Image.open(root / "drawn" / f"{image.stem}.pred.png") as drawn:
+        assert drawn.size == (512, 512) and len(drawn.getcolors(1 << 20)) > 10
+    assert all(len(b["aspects"]) == 3 and b["class"] in train.class_names and b["score"] >= 0.05 for b in printed["boxes"])
+
+    exported = makd("export", "-m", str(run / "best.safetensors"), "-o", "det.onnx", cwd=root).stdout
+    assert "max |ONNX - PyTorch|" in exported
+    model, _ = load_detector(run / "best.safetensors")
+    x = torch.from_numpy(np.asarray(Image.open(image), dtype=np.float32) / 255.0)[None]
+    with torch.inference_mode():
+        expected = model([x])[0]
+    session = ort.InferenceSession(str(root / "det.onnx"), providers=["CPUExecutionProvider"])
+    boxes, labels_, scores, aspects = session.run(None, {"image": x.numpy()})
+    assert len(boxes) == len(expected["boxes"]) > 0 and aspects.shape == (len(boxes), 40)
+    np.testing.assert_allclose(boxes, expected["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(aspects, expected["aspect_logits"].numpy(), atol=1e-3)
+    assert labels_.tolist() == expected["labels"].tolist()
+
+    bad = makd("train", "-c", "config.yaml", "detection.train_annotations=missing.json", "out=runs/bad", cwd=root, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "makd: error: COCO annotations not found: missing.json"
+
+
+def test_two_processes_train_a_detector(coco_project, tmp_path):
+    cfg = tmp_path / "ddp.yaml"
+    config = yaml.safe_load((coco_project / "config.yaml").read_text())
+    config.update({"loss": {"ce": {"weight": 1.0}, "aspect_bce": {"weight": 1.0}}, "labels": {"path": str(coco_project / "labels")}})
+    cfg.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "makd",
+                           "train", "-c", str(cfg), f"out={tmp_path / 'two'}"], cwd=coco_project, capture_output=True,
+                          text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test mAP") == 1  # rank 0 reports
+    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    # 11 images - 3 held out = 8 training images, global batch 4: 2 steps per epoch, 2 epochs.
+    assert ckpt["world_size"] == 2 and ckpt["state"]["global_step"] == 4
+    rows = list(csv.DictReader((tmp_path / "two" / "metrics.csv").open()))
+    assert len(rows) == 2 and all(float(r["loss_aspect"]) > 0 and np.isfinite(float(r["loss"])) for r in rows)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test_map_best"] >= 0
