@@ -135,15 +135,17 @@ class DetectionConfig(Section):
 
     dataset: str = Field("canvases", description="canvases (the embedded offline default: Fashion-MNIST items on "
                          "seeded canvases, written as COCO JSON + PNGs) or coco (images folders + instances JSON)")
-    root: str | None = Field(None, description="canvases: folder they are written to (default: $MAKD_CACHE or ~/.cache/makd, /canvases-<hash>)")
+    root: str | None = Field(None, json_schema_extra=PATH, description="canvases: folder they are written to (default: "
+                             "$MAKD_CACHE or ~/.cache/makd, /canvases-<hash>)")
     canvases: dict[str, Any] = Field(default_factory=dict, description="canvas options, e.g. {train: 300, size: 128}")
-    train_images: str | None = Field(None, description="coco: training images folder")
-    train_annotations: str | None = Field(None, description="coco: training instances JSON")
-    val_images: str | None = None
-    val_annotations: str | None = Field(None, description="coco: null = hold out detection.val_holdout training images")
+    train_images: str | None = Field(None, json_schema_extra=PATH, description="coco: training images folder")
+    train_annotations: str | None = Field(None, json_schema_extra=PATH, description="coco: training instances JSON")
+    val_images: str | None = Field(None, json_schema_extra=PATH, description="coco: validation images folder")
+    val_annotations: str | None = Field(None, json_schema_extra=PATH,
+                                        description="coco: null = hold out detection.val_holdout training images")
     val_holdout: int = Field(500, ge=1, description="coco without val_annotations: training images held out for validation")
-    test_images: str | None = None
-    test_annotations: str | None = Field(None, description="coco: the test split (e.g. val2017)")
+    test_images: str | None = Field(None, json_schema_extra=PATH, description="coco: test images folder")
+    test_annotations: str | None = Field(None, json_schema_extra=PATH, description="coco: the test split (e.g. val2017)")
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "tiny"},
                                   description="{name: tiny | fasterrcnn_resnet18_fpn | fasterrcnn_resnet50_fpn | "
                                   "fasterrcnn_mobilenet_v3_large_fpn | fcos_resnet50_fpn, ...options}")
@@ -151,7 +153,8 @@ class DetectionConfig(Section):
     group_aspect_ratio: bool = Field(True, description="batches of images with the same orientation (landscape/portrait)")
     crop_margin: float = Field(0.1, ge=0, le=1, description="labelling: box crops grow by this fraction of each side")
     crop_min_side: int = Field(32, ge=1, description="labelling: box crops are at least this many pixels wide and high")
-    map_backend: Literal["faster_coco_eval", "torchmetrics"] = "faster_coco_eval"
+    map_backend: Literal["faster_coco_eval", "torchmetrics"] = Field(
+        "faster_coco_eval", description="COCO mAP: faster-coco-eval on COCO JSON, or torchmetrics in memory")
 
 
 class Config(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,3 +81,10 @@ def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory, fmnist_test: Any)
             for i in chosen:
                 Image.fromarray(fmnist_test.array[i]).save(root / split / folder / f"img{i}.png")
     return root
+
+
+def dead_pid() -> int:
+    """The id of a process of this host that has exited (for a killed writer's leftover temporary files)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -290,7 +290,11 @@ def test_box_crops_label_through_the_store_and_resume_after_a_crash(canvases, tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         label_split(crops, PixelTeacher(batch_size=2, fail_after_calls=3), questions, tmp_path / "crashed", shard_size=4,
                     progress=False)
-    (tmp_path / "crashed" / ".shard-00004.parquet.x.tmp").write_bytes(b"a killed writer's leftover")
+    from conftest import dead_pid
+
+    from makd.atomic import HOST
+
+    (tmp_path / "crashed" / f".shard-00004.parquet.{HOST}-{dead_pid()}.x.tmp").write_bytes(b"a killed writer's leftover")
     done = sorted(p.name for p in (tmp_path / "crashed").glob("shard-*.parquet"))
     assert 0 < len(done) < math.ceil(len(crops) / 4)
     teacher = PixelTeacher(batch_size=2)

@@ -67,7 +67,9 @@ def test_names_that_are_not_paths_stay_as_they_are(tmp_path, monkeypatch):
 def test_path_fields_are_marked_in_the_schema():
     assert set(path_keys()) == {("out",), ("questions",), ("data", "root"), ("data", "manifest"), ("data", "classes"),
                                 ("teacher", "model"), ("labels", "path"), ("model", "pretrained"),
-                                ("kd_teacher", "checkpoint"), ("kd_teacher", "pretrained"), ("generate", "llm", "model")}
+                                ("kd_teacher", "checkpoint"), ("kd_teacher", "pretrained"), ("generate", "llm", "model"),
+                                *(("detection", k) for k in ("root", "train_images", "train_annotations", "val_images",
+                                                             "val_annotations", "test_images", "test_annotations"))}
 
 
 def test_a_relative_manifest_is_looked_for_under_data_root_first(tmp_path, tiny_imagefolder, monkeypatch):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import PixelTeacher, make_question_set
+from conftest import PixelTeacher, dead_pid, make_question_set
 from safetensors.torch import load_file
 
 from makd.cli import main
@@ -320,12 +320,6 @@ def test_a_real_full_disk(tmp_path):
 
 
 # -- stale temporary files ------------------------------------------------------------------------------------------
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_only_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
     from makd.atomic import HOST, STALE_AFTER_S, remove_stale_temporaries
 

@@ -172,8 +172,8 @@ class DetectionTask(Task):
                 "question_set_hash": q.hash if q else None, "epoch": epoch, "run": self.config.name,
                 "config": to_dict(self.config)}
 
-    def export(self, path: Path, epoch: int) -> None:
-        save_detector(path, self.model, self.detector_meta(epoch))
+    def export(self, which: str, epoch: int) -> None:
+        save_detector(Path(self.config.out) / f"{which}.safetensors", self.model, self.detector_meta(epoch))
 
     def describe_data(self) -> dict[str, Any]:
         return describe_detection_splits(self.splits)
@@ -183,7 +183,8 @@ class DetectionTask(Task):
         teacher on the test boxes it labelled)."""
         cfg = self.config
         results: dict[str, Any] = {"name": cfg.name, "seed": cfg.train.seed, "best_epoch": state.best_epoch,
-                                   "val_map_best": state.best_metric, "val_map_last": state.history[-1].get("val_map")}
+                                   "val_map_best": state.best_metric, "val_map_last": state.history[-1].get("val_map"),
+                                   "train_seconds": round(state.seconds, 2)}
         for which in ("best",) if state.best_epoch == state.epoch else ("best", "last"):
             model, meta = load_detector(run / f"{which}.safetensors")
             metrics, _ = evaluate_detector(model.to(self.device), meta, self.splits["test"], self.store,
