@@ -33,7 +33,7 @@ class HFModelOptions(pydantic.BaseModel):
     trust_remote_code: bool = False  # run the model repository's own code: only when you trust it
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2 (hf teacher: suffixes then batched)
     chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
 
 

@@ -376,7 +376,7 @@ BUILDERS: dict[str, Builder] = {
 }
 IMAGE_SIZES = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 64}  # multiples of patch x merge; the others: 32
 
-# Test variants: (architecture, language-model overrides, tokenizer without a pad token).
+# Test variants: (architecture, language-model overrides, whether the tokenizer has a pad token).
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     # An InternVL on a Qwen2 backbone with Qwen2's sliding window switched on for its second layer, the window
     # (16 tokens) shorter than every prompt: the packed suffixes' single mask cannot express it.
