@@ -1,4 +1,4 @@
-"""The `hf` teacher on tiny randomly initialised models of five real architectures, loaded from disk like a hub model.
+"""The `hf` teacher on tiny randomly initialised models of real architectures, loaded from disk like a hub model.
 
 Reference: transformers' documented path, one (image, question) at a time — `processor.apply_chat_template(...,
 tokenize=True, return_dict=True)` and a full forward — with Yes/No log-odds and mass recomputed here in float64.
@@ -8,22 +8,47 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_question_set, question_set
+import yaml
+from conftest import REPO, make_question_set, question_set
 from PIL import Image
-from support.random_models import ARCHITECTURES, save_random_vlm
+from support.random_models import ARCHITECTURES, VARIANTS, save_random_lm, save_random_vlm
 
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
+from makd.teachers.hf_vlm import (
+    PROVEN_PREFIX_REUSE,
+    HFVLMTeacher,
+    SuffixLayout,
+    reuse_mismatch,
+    suffix_layout,
+)
 
 QUESTIONS = ["Does the object have wheels?", "Is it worn on the feet?", "Does it have fur?", "Is the item red?",
              "Is it made of metal or wood?"]
 YES, NO = ["Yes", "yes", " Yes", " yes"], ["No", "no", " No", " no"]
+# 50 questions of 2 to 17 words, from templates.
+SUBJECTS = ["wheels", "fur", "sleeves", "legs", "a handle", "laces", "a zipper", "buttons", "a hood", "pockets"]
+TEMPLATES = ["Does it have {s}?", "Does the object have {s}?", "Can you see {s} on the item in the image?",
+             "Is the object in this photo an item that has {s}, as most items of its kind do?", "{S}?"]
+MANY = [TEMPLATES[i % 5].format(s=SUBJECTS[i // 5], S=SUBJECTS[i // 5].capitalize()) for i in range(50)]
+
+# How the default (auto) path scores each architecture of the sweep.
+PLAIN = {"paligemma"}  # a prefix-LM: its prompt tokens attend both ways, so no prefix can be shared
+BATCHED = {"gemma3", "internvl_sliding"}  # sliding windows shorter than the prompt: batched suffix rows
+MODEL_TYPE = {arch: VARIANTS.get(arch, (arch,))[0] for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,11 +68,12 @@ def questions() -> QuestionSet:
 
 @pytest.fixture(scope="module")
 def images(fmnist_test) -> list[Image.Image]:
-    """Different sizes, aspect ratios and modes (a grey Fashion-MNIST image among them)."""
+    """Different sizes, aspect ratios and modes: landscape RGB noise, a square ramp, a grey portrait crop of a
+    Fashion-MNIST image."""
     rng = np.random.default_rng(0)
     noise = Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8))
     ramp = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3)))
-    return [noise, ramp, fmnist_test.image(0)]
+    return [noise, ramp, fmnist_test.image(0).crop((4, 0, 24, 28))]
 
 
 @pytest.fixture(scope="module")
@@ -62,64 +88,197 @@ def vlm_folder(tmp_path_factory):
     return get
 
 
-def reference(folder: str, images, questions: QuestionSet) -> tuple[np.ndarray, np.ndarray]:
-    """(log-odds, mass) [images, questions] the slow, documented way, in float64."""
+@pytest.fixture(scope="module")
+def reference(images):
+    """(log-odds, mass) [images, questions] the slow, documented way, in float64; each (model, image, question)
+    computed once per module, so the Q = 1, 5 and 50 tests share it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    tok = processor.tokenizer
-    yes = sorted({tok.encode(v, add_special_tokens=False)[0] for v in YES if len(tok.encode(v, add_special_tokens=False)) == 1})
-    no = sorted({tok.encode(v, add_special_tokens=False)[0] for v in NO if len(tok.encode(v, add_special_tokens=False)) == 1})
-    logodds = np.zeros((len(images), len(questions)))
-    mass = np.zeros_like(logodds)
-    for i, img in enumerate(images):
-        for j, q in enumerate(questions.texts):
-            conv = [{"role": "user", "content": [{"type": "image", "image": img.convert("RGB")},
-                                                 {"type": "text", "text": f"{q} Answer with Yes or No."}]}]
-            inputs = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                   return_tensors="pt",
-                                                   **({"enable_thinking": False} if "enable_thinking" in processor.chat_template else {}))
-            with torch.inference_mode():
-                lp = torch.log_softmax(model(**inputs).logits[0, -1].double(), dim=-1)
-            ly, ln = torch.logsumexp(lp[yes], 0), torch.logsumexp(lp[no], 0)
-            logodds[i, j], mass[i, j] = float(ly - ln), float(ly.exp() + ln.exp())
-    return logodds, mass
+    loaded: dict[str, tuple] = {}
+    pairs: dict[tuple[str, int, str], tuple[float, float]] = {}
+
+    def pair(folder: str, i: int, question: str) -> tuple[float, float]:
+        if folder not in loaded:
+            processor = AutoProcessor.from_pretrained(folder)
+            tok = processor.tokenizer
+            ids = [[tok.encode(v, add_special_tokens=False) for v in group] for group in (YES, NO)]
+            loaded[folder] = (processor, AutoModelForImageTextToText.from_pretrained(folder).eval(),
+                              *[sorted({i[0] for i in group if len(i) == 1}) for group in ids])
+        processor, model, yes, no = loaded[folder]
+        conv = [{"role": "user", "content": [{"type": "image", "image": images[i].convert("RGB")},
+                                             {"type": "text", "text": f"{question} Answer with Yes or No."}]}]
+        thinking = {"enable_thinking": False} if "enable_thinking" in processor.chat_template else {}
+        inputs = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt", **thinking)
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(**inputs).logits[0, -1].double(), dim=-1)
+        ly, ln = torch.logsumexp(lp[yes], 0), torch.logsumexp(lp[no], 0)
+        return float(ly - ln), float(ly.exp() + ln.exp())
+
+    def compute(folder: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        for i in range(len(images)):
+            for q in texts:
+                if (folder, i, q) not in pairs:
+                    pairs[folder, i, q] = pair(folder, i, q)
+        table = np.array([[pairs[folder, i, q] for q in texts] for i in range(len(images))])
+        return table[..., 0], table[..., 1]
+
+    return compute
 
 
-def count_image_forwards(teacher) -> list[int]:
-    calls = [0]
+def count_calls(teacher) -> dict[str, int]:
+    """Image encodings (forwards given pixels) and suffix forwards of each form, counted as they run."""
+    calls = {"images": 0, "packed": 0, "batched": 0}
 
     def hook(_module, _args, kwargs):
-        calls[0] += kwargs.get("pixel_values") is not None
+        calls["images"] += kwargs.get("pixel_values") is not None
 
     teacher.model.register_forward_pre_hook(hook, with_kwargs=True)
+    for form in ("packed", "batched"):
+        method = getattr(teacher, f"_score_{form}")
+
+        def counted(*args, _method=method, _form=form):
+            calls[_form] += 1
+            return _method(*args)
+
+        setattr(teacher, f"_score_{form}", counted)
     return calls
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefix_reuse_equals_full_forward(arch, vlm_folder, images, questions):
-    folder = vlm_folder(arch)
-    expected_lo, expected_mass = reference(folder, images, questions)
-    # The image must matter and the question must matter, or equality would prove little.
-    assert np.abs(expected_lo[0] - expected_lo[1]).max() > 1e-2 and expected_lo.std(axis=1).min() > 1e-2
-    assert ((expected_mass > 0) & (expected_mass < 1)).all()
-
-    # question_batch=2 < Q: several suffix batches of unequal lengths, right-padded.
-    shared = build_teacher({"name": "hf", "model": folder, "question_batch": 2, "check_reuse": False})
-    calls = count_image_forwards(shared)
-    scores = shared.score(images, questions)
-    assert shared._reuse is True and calls[0] == len(images)  # each image encoded and prefilled once
-    assert scores.logodds.dtype == np.float32 and scores.logodds.shape == (3, 5)
+def check_equal_to_reference(arch, folder, images, qs, expected, caplog, question_batch, monkeypatch):
+    expected_lo, expected_mass = expected
+    chunks = -(-len(qs) // question_batch)
+    shared = build_teacher({"name": "hf", "model": folder, "question_batch": question_batch, "check_reuse": False})
+    calls = count_calls(shared)
+    with caplog.at_level(logging.WARNING, logger="makd"):
+        scores = shared.score(images, qs)
+    assert scores.logodds.dtype == np.float32 and scores.logodds.shape == (len(images), len(qs))
     np.testing.assert_allclose(scores.logodds, expected_lo, atol=1e-4, rtol=0)
     np.testing.assert_allclose(scores.mass, expected_mass, atol=1e-5, rtol=1e-4)
+    if arch in PLAIN:
+        assert shared._reuse is False and calls["packed"] + calls["batched"] == 0
+        return
+    assert shared._reuse is True and calls["images"] == len(images)  # each image encoded and prefilled once
+    form = "batched" if arch in BATCHED else "packed"
+    assert calls == {"images": len(images), "packed": 0, "batched": 0, form: len(images) * chunks}
+    if arch in BATCHED:
+        assert "not packed, for prompts longer than its sliding attention window" in caplog.text
+    # The batched form is exact on every architecture too (it serves sliding windows and flash attention).
+    with monkeypatch.context() as patch:
+        patch.setattr(HFVLMTeacher, "_packs", lambda self, tokens: False)
+        batched = build_teacher({"name": "hf", "model": folder, "question_batch": question_batch, "check_reuse": False})
+        np.testing.assert_allclose(batched.score(images, qs).logodds, expected_lo, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_path_equals_reference(arch, vlm_folder, reference, images, questions, caplog, monkeypatch):
+    """Q = 5 questions in chunks of 2 (unequal suffix lengths, right-padded or packed), 3 images; and Q = 1 (the
+    suffix is the prompt's last token)."""
+    folder = vlm_folder(arch)
+    expected = reference(folder, QUESTIONS)
+    # The image must matter and the question must matter, or equality would prove little.
+    assert np.abs(expected[0][0] - expected[0][1]).max() > 1e-2 and expected[0].std(axis=1).min() > 1e-2
+    assert ((expected[1] > 0) & (expected[1] < 1)).all()
 
     plain = build_teacher({"name": "hf", "model": folder, "question_batch": 4, "prefix_reuse": "off"})
-    calls = count_image_forwards(plain)
+    calls = count_calls(plain)
     scores = plain.score(images, questions)  # batches of (image, question) pairs across images, left-padded
-    assert calls[0] == 4  # ceil(15 pairs / 4)
-    np.testing.assert_allclose(scores.logodds, expected_lo, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(scores.mass, expected_mass, atol=1e-5, rtol=1e-4)
+    assert calls["images"] == 4  # ceil(15 pairs / 4)
+    np.testing.assert_allclose(scores.logodds, expected[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores.mass, expected[1], atol=1e-5, rtol=1e-4)
+
+    check_equal_to_reference(arch, folder, images, questions, expected, caplog, 2, monkeypatch)
+    one = reference(folder, QUESTIONS[2:3])
+    check_equal_to_reference(arch, folder, images, question_set(QUESTIONS[2:3]), one, caplog, 2, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fifty_questions_equal_reference(arch, vlm_folder, reference, images, caplog, monkeypatch):
+    """Q = 50 questions of 2 to 17 words in chunks of 16 (the last one of 2)."""
+    folder = vlm_folder(arch)
+    check_equal_to_reference(arch, folder, images, question_set(MANY), reference(folder, MANY), caplog, 16, monkeypatch)
+
+
+def test_proven_set_is_what_the_tests_sweep_and_the_docs_name():
+    """Reuse by default exactly for the model types whose sweep above proves it; README and docs name that set."""
+    proven = {MODEL_TYPE[arch] for arch in ARCHITECTURES if arch not in PLAIN}
+    assert PROVEN_PREFIX_REUSE == proven
+    for doc in (REPO / "README.md", REPO / "docs" / "teachers.md"):
+        lists = re.findall(r"shared-prefix model types:([^—]*)—", doc.read_text())
+        assert len(lists) == 1, doc
+        assert sorted(re.findall(r"`(\w+)`", lists[0])) == sorted(proven), doc
+
+
+def test_suffix_layout_is_read_from_the_config():
+    """Packed only where one custom mask is right for every layer; the reason is named otherwise."""
+    from transformers import (
+        Gemma3Config,
+        InternVLConfig,
+        Llama4Config,
+        LlavaConfig,
+        MistralConfig,
+        Qwen3NextConfig,
+    )
+
+    def loaded(config, implementation="sdpa"):
+        config._attn_implementation = implementation
+        return suffix_layout(config)
+
+    assert loaded(LlavaConfig()) == SuffixLayout("packed", None, "")
+    # Sliding windows: packed, but only for prompts that fit in the smallest window (checked per image).
+    assert loaded(Gemma3Config(text_config={"sliding_window": 512})).window == 512
+    assert loaded(MistralConfig(sliding_window=64)) == SuffixLayout("packed", 64, "")  # every layer slides: no layer_types
+    sliding = InternVLConfig(text_config={"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+                                          "max_window_layers": 1, "num_hidden_layers": 2})
+    assert loaded(sliding).window == 16
+    assert loaded(InternVLConfig(text_config={"model_type": "qwen2", "sliding_window": 16})).window is None  # off
+    # Attention that cannot take a custom 4-D mask: batched rows with the model's own masks.
+    flash = loaded(LlavaConfig(), "flash_attention_2")
+    assert flash.form == "batched" and "attn_implementation=flash_attention_2" in flash.reason
+    # Layers a copied cache does not continue exactly: the plain path.
+    chunked = loaded(Llama4Config(text_config={"num_hidden_layers": 4}))
+    assert chunked.form == "plain" and "chunked_attention layers" in chunked.reason
+    linear = loaded(Qwen3NextConfig(num_hidden_layers=4))
+    assert linear.form == "plain" and "linear_attention layers" in linear.reason
+
+
+def test_reuse_tolerance_in_16_bit_follows_the_measured_rounding():
+    plain = np.array([-1.0, 0.5, 1.0])  # spread 2
+    assert reuse_mismatch(plain + 0.09, plain, "bfloat16", None) is None  # within 5 % of the spread
+    assert reuse_mismatch(plain + np.array([0, 0, 0.2]), plain, "bfloat16", None) == \
+        "its log-odds differ from the plain forward's by 0.2 (> 0.1)"
+    assert reuse_mismatch(plain + 0.2, plain, "bfloat16", None, noise=0.1) is None  # 3x the rounding measured
+    assert reuse_mismatch(plain + 0.35, plain, "bfloat16", None, noise=0.1) is not None
+    assert reuse_mismatch(plain[:1] + 0.03, plain[:1], "float16", None) is not None  # one question: 0.02
+    assert reuse_mismatch(plain + 2e-4, plain, "float32", None, noise=1.0) is None  # float32: 1e-3, always
+    assert reuse_mismatch(plain + 2e-3, plain, "float32", None, noise=1.0) is not None
+    assert reuse_mismatch(plain + 0.3, plain, "bfloat16", 0.5) is None  # the option overrides
+
+
+def test_reuse_check_in_bfloat16(vlm_folder, images, questions, caplog, monkeypatch):
+    """bf16 rounding alone must not switch a correct shared prefix off; positions off by one must."""
+    folder = vlm_folder("qwen2_vl")
+    teacher = build_teacher({"name": "hf", "model": folder, "dtype": "bfloat16"})
+    with caplog.at_level(logging.WARNING, logger="makd"):
+        teacher.score(images, questions)
+    assert teacher._reuse is True and teacher._checked is True and "prefix reuse off" not in caplog.text
+
+    packed = HFVLMTeacher._score_packed
+
+    def shifted(self, cache, length, chunk):  # the kind of bug the check is for
+        forward = self.model.forward
+        self.model.forward = lambda *args, **kw: forward(*args, **{**kw, "position_ids": kw["position_ids"] + 1})
+        try:
+            return packed(self, cache, length, chunk)
+        finally:
+            del self.model.forward
+
+    monkeypatch.setattr(HFVLMTeacher, "_score_packed", shifted)
+    broken = build_teacher({"name": "hf", "model": folder, "dtype": "bfloat16"})
+    with caplog.at_level(logging.WARNING, logger="makd"):
+        broken.score(images[:1], questions)
+    assert broken._reuse is False and "its log-odds differ from the plain forward's" in caplog.text
 
 
 def test_answer_tokens_metadata_and_resume(vlm_folder, fmnist_test, tmp_path):
@@ -132,6 +291,7 @@ def test_answer_tokens_metadata_and_resume(vlm_folder, fmnist_test, tmp_path):
     assert answers["yes"] == {v: tok.encode(v, add_special_tokens=False)[0] for v in YES}
     assert answers["no"] == {v: tok.encode(v, add_special_tokens=False)[0] for v in NO[1:]}
     assert teacher.describe()["weights"]["config_sha256"] and "model.safetensors" in teacher.describe()["weights"]["weight_files"]
+    assert "pad_token" not in teacher.describe()  # it has one: nothing to record
 
     split = fmnist_test.subset(np.arange(5), "part")
     qs = make_question_set(split.class_names, n=3)
@@ -150,6 +310,18 @@ def test_answer_tokens_metadata_and_resume(vlm_folder, fmnist_test, tmp_path):
     assert LabelStore.open(tmp_path / "s").read_flags() is None
 
 
+def test_reuse_is_checked_on_the_first_image_of_every_shard(vlm_folder, fmnist_test, tmp_path, monkeypatch):
+    teacher = build_teacher({"name": "hf", "model": vlm_folder("llava"), "batch_size": 2})
+    checked: list[int] = []
+    original = HFVLMTeacher.score_plain
+    monkeypatch.setattr(HFVLMTeacher, "score_plain",
+                        lambda self, images, plan: checked.append(len(images)) or original(self, images, plan))
+    split = fmnist_test.subset(np.arange(7), "part")
+    label_split(split, teacher, make_question_set(split.class_names, n=3), tmp_path / "s", shard_size=3,
+                progress=False)
+    assert checked == [1, 1, 1] and teacher._reuse is True  # shards of 3, 3 and 1 images
+
+
 def test_thinking_is_switched_off(vlm_folder):
     folder = vlm_folder("internvl")  # its template has Qwen3's enable_thinking switch
     example = build_teacher({"name": "hf", "model": folder}).describe()["prompt"]["example"]
@@ -160,20 +332,72 @@ def test_thinking_is_switched_off(vlm_folder):
 
 
 def test_reuse_check_falls_back_or_refuses(vlm_folder, images, questions, monkeypatch, caplog):
-    from makd.teachers.hf_vlm import HFVLMTeacher
-
     folder = vlm_folder("llava")
+    plain = build_teacher({"name": "hf", "model": folder, "prefix_reuse": "off"}).score(images[:2], questions)
     original = HFVLMTeacher.score_shared
     monkeypatch.setattr(HFVLMTeacher, "score_shared",  # a model whose prefix reuse were wrong
                         lambda self, image, plan: tuple(x + 0.01 for x in original(self, image, plan)))
     auto = build_teacher({"name": "hf", "model": folder})
     with caplog.at_level(logging.WARNING, logger="makd"):
         scores = auto.score(images[:2], questions)
-    assert auto._reuse is False and "differ from the plain forward by 0.01" in caplog.text
-    plain = build_teacher({"name": "hf", "model": folder, "prefix_reuse": "off"}).score(images[:2], questions)
+    assert auto._reuse is False and "differ from the plain forward's by 0.01" in caplog.text
     np.testing.assert_array_equal(scores.logodds, plain.logodds)
-    with pytest.raises(MakdError, match="teacher.prefix_reuse=on: shared-prefix log-odds differ"):
+    with pytest.raises(MakdError, match="teacher.prefix_reuse=on: .* cannot share an image prefix: its log-odds differ"):
         build_teacher({"name": "hf", "model": folder, "prefix_reuse": "on"}).score(images[:1], questions)
+
+
+def test_any_failure_of_the_reuse_path_falls_back(vlm_folder, images, questions, monkeypatch, caplog):
+    """Not only the teacher's own PrefixReuseError: e.g. the size mismatch a mask that does not fit raises."""
+    folder = vlm_folder("internvl")
+    plain = build_teacher({"name": "hf", "model": folder, "prefix_reuse": "off"}).score(images, questions)
+
+    def broken(self, cache, length, chunk):
+        raise RuntimeError("The size of tensor a (43) must match the size of tensor b (15) at non-singleton dimension 3")
+
+    monkeypatch.setattr(HFVLMTeacher, "_score_packed", broken)
+    auto = build_teacher({"name": "hf", "model": folder, "check_reuse": False})
+    with caplog.at_level(logging.WARNING, logger="makd"):
+        scores = auto.score(images, questions)
+    assert "prefix reuse off for" in caplog.text and "failed (RuntimeError: The size of tensor a (43)" in caplog.text
+    np.testing.assert_array_equal(scores.logodds, plain.logodds)
+    with pytest.raises(MakdError, match=r"teacher.prefix_reuse=on: .* the shared-prefix forward failed \(RuntimeError"):
+        build_teacher({"name": "hf", "model": folder, "prefix_reuse": "on"}).score(images[:1], questions)
+
+
+def test_processor_labels_are_dropped(vlm_folder, images, questions):
+    """PaliGemma's processor returns `labels`; passed on, every forward would fail on a loss it cannot compute."""
+    teacher = build_teacher({"name": "hf", "model": vlm_folder("paligemma"), "prefix_reuse": "off"})
+    batch = teacher.processor(text=["<image>Is it red?"], images=[[images[0]]], return_tensors="pt")
+    assert "labels" in batch and "labels" not in teacher._inputs(["<image>Is it red?"], [[images[0]]], False)
+    assert teacher.score(images[:1], questions).logodds.shape == (1, 5)
+
+
+def test_one_pad_rule_for_tokenizers_without_a_pad_token(vlm_folder, tmp_path):
+    """LLaVA-NeXT's tokenizer here has none (as Llama and Mistral tokenizers ship): both teachers pad with EOS,
+    say so in the provenance, and score as with a pad token (the sweep above checks the values)."""
+    from transformers import AutoTokenizer
+
+    folder = vlm_folder("llava_next")
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    teacher = build_teacher({"name": "hf", "model": folder})
+    assert teacher.describe()["pad_token"] == "eos fallback: <|im_end|>"
+    lm = save_random_lm(tmp_path / "lm", pad=False)
+    text = build_teacher({"name": "text", "model": str(lm)})
+    assert text.describe()["pad_token"] == "eos fallback: <|im_end|>"
+    scores = text.score([], question_set(QUESTIONS[:3], ["cat", "dog"]), classes=[0, 1])
+    assert np.isfinite(scores.logodds).all() and scores.logodds.shape == (2, 3)
+
+
+def test_no_deprecated_cache_argument(vlm_folder, images, questions):
+    """makd passes `cache=`, not `past_key_values=` (deprecated, removed in transformers 5.40)."""
+    for arch, form in (("llava", "packed"), ("gemma3", "batched")):
+        teacher = build_teacher({"name": "hf", "model": vlm_folder(arch), "check_reuse": False})
+        calls = count_calls(teacher)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            teacher.score(images[:1], questions)
+        assert calls[form] > 0
+        assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_bad_options_are_one_line_errors(vlm_folder, tmp_path, questions, images):
@@ -193,3 +417,26 @@ def test_bad_options_are_one_line_errors(vlm_folder, tmp_path, questions, images
     (custom / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(MakdError, match="trust_remote_code"):
         build_teacher({"name": "hf", "model": str(custom)}).model
+
+
+@pytest.mark.slow  # a CLI subprocess, like tests/test_cli.py
+def test_hub_id_without_network_fails_at_once(tmp_path, tiny_imagefolder):
+    """No retries for minutes: one line naming the offline alternatives, through the real CLI."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    question_set(QUESTIONS, ["Sandal", "T-shirt_top", "Trouser"]).save(tmp_path / "questions.json")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "name": "offline", "questions": "questions.json", "teacher": {"name": "hf", "model": "someorg/some-vlm"},
+        "data": {"dataset": "imagefolder", "root": str(tiny_imagefolder), "train_per_class": 4, "val_per_class": 2},
+        "labels": {"path": "labels"}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf-home"))
+    proc = subprocess.run([sys.executable, "-m", "makd", "label", "-c", "config.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # no "Retrying in 1s" lines either
+    assert lines[0] == (f"makd: error: teacher.model: 'someorg/some-vlm' is not a local folder nor in the Hugging Face "
+                        f"cache, and the hub at http://127.0.0.1:{port} cannot be reached (ConnectError): give the "
+                        "folder of a downloaded model, or the offline teacher `teacher: {name: bridge}`")
+    assert not Path(tmp_path / "labels" / "labels.json").exists()

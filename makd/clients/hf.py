@@ -7,7 +7,9 @@ code runs only when asked for.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,8 @@ import pydantic
 from makd.errors import MakdError
 
 DTYPES = ("float32", "bfloat16", "float16")
+REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a hub model id looks like (a path with more parts does not)
+HUB_PROBE_SECONDS = 5.0
 
 
 class HFModelOptions(pydantic.BaseModel):
@@ -29,7 +33,7 @@ class HFModelOptions(pydantic.BaseModel):
     trust_remote_code: bool = False  # run the model repository's own code: only when you trust it
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2 (hf teacher: suffixes then batched)
     chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
 
 
@@ -57,16 +61,52 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_pretrained(loader: Any, o: HFModelOptions, what: str, section: str = "teacher", **kwargs: Any) -> Any:
-    """`loader.from_pretrained(o.model, ...)` with a one-line MakdError naming the option on failure."""
+    """`loader.from_pretrained(o.model, ...)` with a one-line MakdError naming the option on failure; a hub id
+    with the hub out of reach loads from the local cache only, or fails at once (`hub_offline`)."""
     extra = {"gguf_file": o.gguf_file} if o.gguf_file else {}
+    offline = hub_offline(o.model)
     try:
         return loader.from_pretrained(o.model, revision=o.revision, trust_remote_code=o.trust_remote_code, **extra,
-                                      **kwargs)
+                                      **({"local_files_only": True} if offline else {}), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
+        if offline:
+            raise MakdError(offline_message(o.model, offline, section)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if o.trust_remote_code or "trust_remote_code" not in str(exc) else \
             f" (this model needs its own code: set {section}.trust_remote_code=true if you trust it)"
         raise MakdError(f"{section}.model: cannot load the {what} of {o.model!r}: {first}{hint}") from None
+
+
+def hub_offline(model: str) -> str | None:
+    """Why the Hugging Face hub cannot serve `model`, or None when it can or need not (a local folder, a path).
+
+    Without a network, huggingface_hub retries every file for minutes before it gives up; a single quick request
+    to the endpoint (through the same proxies) tells at once, so loading falls back to the local cache only.
+    """
+    from huggingface_hub import constants
+
+    if Path(model).expanduser().exists() or not REPO_ID.fullmatch(model):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return _endpoint_unreachable(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _endpoint_unreachable(endpoint: str) -> str | None:
+    import httpx
+
+    try:
+        httpx.head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except httpx.HTTPError as exc:
+        return f"the hub at {endpoint} cannot be reached ({type(exc).__name__})"
+    return None
+
+
+def offline_message(model: str, reason: str, section: str) -> str:
+    alternative = ", or the offline teacher `teacher: {name: bridge}`" if section == "teacher" else ""
+    return (f"{section}.model: {model!r} is not a local folder nor in the Hugging Face cache, and {reason}: give the "
+            f"folder of a downloaded model{alternative}")
 
 
 def model_fingerprint(o: HFModelOptions) -> dict[str, Any]:
@@ -75,9 +115,12 @@ def model_fingerprint(o: HFModelOptions) -> dict[str, Any]:
     from transformers.utils import cached_file
 
     name = o.gguf_file or "config.json"
+    offline = hub_offline(o.model)
     try:
-        path = Path(cached_file(o.model, name, revision=o.revision))
+        path = Path(cached_file(o.model, name, revision=o.revision, local_files_only=bool(offline)))
     except (OSError, ValueError) as exc:
+        if offline:
+            raise MakdError(offline_message(o.model, offline, "teacher")) from None
         raise MakdError(f"teacher.model: cannot find {name} of {o.model!r}: {str(exc).splitlines()[0]}") from None
     commit = path.parent.name if path.parent.parent.name == "snapshots" else None
     folder = path.parent
@@ -98,6 +141,18 @@ def template_kwargs(template: Any, wanted: dict[str, Any]) -> dict[str, Any]:
     the others as processor arguments and warns."""
     text = template if isinstance(template, str) else str(template)
     return {k: v for k, v in wanted.items() if k in text}
+
+
+def pad_with_eos(tokenizer: Any, section: str = "teacher") -> bool:
+    """The one pad-token rule for every local model, applied once at load: a tokenizer without a pad token pads
+    with its EOS token. Which token pads never changes an answer (left pads are masked out, right pads come after
+    the answer position). Returns whether the fallback applied, for provenance."""
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.eos_token is None:
+        raise MakdError(f"{section}.model: its tokenizer has neither a pad token nor an EOS token to pad batches with")
+    tokenizer.pad_token = tokenizer.eos_token
+    return True
 
 
 def adds_special_tokens(tokenizer: Any, prompt: str) -> bool:

@@ -155,6 +155,8 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
     inputs = teacher_inputs(teacher)
     with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
         for index in todo:
+            if hasattr(teacher, "start_shard"):  # optional hook (teachers/base.py)
+                teacher.start_shard()
             rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))
             parts: list[AspectScores] = []
             for start in range(rows.start, rows.stop, teacher.batch_size):

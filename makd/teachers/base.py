@@ -7,6 +7,9 @@ Inputs: a teacher declares what `score` needs in `inputs` (default {"images"}). 
 "text" teacher asks about class names, not pictures) declares {"classes"}: it then gets each sample's class
 index into `questions.classes` as `classes=` and an empty image list, so labelling never decodes images for it.
 {"sample_ids"} passes the samples' ids as `sample_ids=` (the importer of the official JSON looks rows up by id).
+
+Optional hook: `start_shard()`, if a teacher has it, is called by the label job before it scores each shard
+(the `hf` teacher re-checks its shared-prefix path on the shard's first image).
 """
 
 from __future__ import annotations

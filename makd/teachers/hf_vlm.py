@@ -6,12 +6,20 @@ come from the full-vocabulary log-softmax at the answer position (makd/teachers/
 
 Prefix reuse (docs/teachers.md): the Q prompts of one image share everything up to the first token where the
 questions differ, and that prefix holds the image. It is run once per image with the KV cache kept; the Q
-question suffixes then run as right-padded batches on copies of that cache (positions continue from the cache
-length), each row read at its last real token. A suffix never needs an attention mask: right padding only puts pads after a row's real tokens, which
-causal attention never lets them see. For Qwen2-VL's M-RoPE the model keeps the `rope_deltas` of the prefill
-and continues positions from the cache; Gemma 3's sliding-window layers keep the window's tail. Architectures
-whose equality with the plain full forward the tests prove use reuse by default; others run the plain batched
-path unless `prefix_reuse=on`, and reuse is always re-checked against the plain path on the first image.
+question suffixes then continue from that cache in one of two forms, chosen per model from its config
+(`suffix_layout`) and, for sliding windows, per image from the prompt's length:
+- packed: all suffixes of a chunk in ONE row behind the prefix, kept apart by a block attention mask, each at the
+  positions it would have right after the prefix. One custom mask serves every layer, so this form needs an
+  attention implementation that applies a custom 4-D mask (eager, sdpa) and no layer whose attention that mask
+  would misstate: a sliding window shorter than the prompt (the packed row would see past it).
+- batched: right-padded rows, one per suffix, on broadcast views of the cache, with the model's own masks
+  (sliding windows included: a sliding-window cache keeps the window's tail). A suffix needs no padding mask:
+  right padding only puts pads after a row's real tokens, which causal attention never lets them see.
+Layers the cache cannot continue exactly (chunked attention, recurrent or linear-attention layers, shared KV)
+take the plain path. For M-RoPE models (Qwen-VL) the model keeps the prefill's `rope_deltas`.
+Architectures whose equality with the naive one-question-per-forward reference the tests prove use reuse by
+default; others run the plain batched path unless `prefix_reuse=on`. Reuse is re-checked against the plain path
+on the first image of every shard (`start_shard`), and any failure of it falls back to the plain path.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from makd.clients.hf import (
     common_prefix_length,
     load_pretrained,
     model_fingerprint,
+    pad_with_eos,
     resolve_device,
     resolve_dtype,
     template_kwargs,
@@ -56,14 +65,16 @@ from makd.validation import validate
 
 log = logging.getLogger("makd")
 
-# model_type values for which tests/test_hf_teacher.py proves prefix reuse equals the plain full forward.
-PROVEN_PREFIX_REUSE = frozenset({"llava", "qwen2_vl", "idefics3", "internvl", "gemma3"})
-# ...and for which the faster packed form of it is proven too: all question suffixes in one row behind the
-# prefix, kept apart by a block mask, positions restarting after the prefix for each. Gemma 3 is not among
-# them: its sliding-window layers would need their own mask.
-PACKED_SUFFIXES = frozenset({"llava", "qwen2_vl", "idefics3", "internvl"})
-MROPE = frozenset({"qwen2_vl", "qwen2_5_vl"})
+# model_type values for which tests/test_hf_teacher.py proves prefix reuse equal to the naive one-question-per-forward
+# reference (README and docs/teachers.md list exactly these; a test checks it).
+PROVEN_PREFIX_REUSE = frozenset({
+    "aya_vision", "gemma3", "idefics3", "internvl", "llava", "llava_next", "llava_onevision", "mistral3", "qwen2_5_vl",
+    "qwen2_vl", "qwen3_vl", "smolvlm"})
+MASKABLE_ATTENTION = frozenset({"eager", "sdpa"})  # apply a custom 4-D mask as given, in every layer
+CONTINUABLE_LAYERS = frozenset({"full_attention", "sliding_attention"})  # a cache copy continues them exactly
 SEQUENCE_KEYS_SKIP = ("pixel", "image")  # processor outputs that are never per-token, whatever their shape
+REUSE_OPTIONS = ("prefix_reuse", "check_reuse", "reuse_tolerance")  # execution only: never change an answer
+NOISE_PROBE_QUESTIONS = 8  # 16-bit reuse check: prompts scored alone to measure rounding (reuse_mismatch)
 
 
 class PrefixReuseError(Exception):
@@ -79,6 +90,55 @@ class PromptPlan:
     suffixes: list[list[int]]
 
 
+@dataclass(frozen=True)
+class SuffixLayout:
+    """How question suffixes continue from an image's cached prefix (see the module docstring)."""
+
+    form: Literal["packed", "batched", "plain"]
+    window: int | None  # the language model's smallest sliding window: packed only for prompts that fit in it
+    reason: str  # why the form is not `packed`; empty when it is
+
+
+def suffix_layout(config: Any) -> SuffixLayout:
+    """The form a model's config allows: from its language model's layer types (as transformers' own cache reads
+    them), their sliding windows and the attention implementation it was loaded with."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True)
+    types, kwargs = get_layer_types_and_kwargs(text)
+    others = sorted(set(types) - CONTINUABLE_LAYERS)
+    if others:
+        return SuffixLayout("plain", None, f"its language model has {', '.join(others)} layers, which a copied "
+                                           "prefix cache does not continue exactly")
+    windows = [k["sliding_window"] for t, k in zip(types, kwargs) if t == "sliding_attention" and k.get("sliding_window")]
+    window = min(windows) if windows else None
+    implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    if implementation not in MASKABLE_ATTENTION:
+        return SuffixLayout("batched", window, f"attn_implementation={implementation} cannot apply the custom attention "
+                                               "mask of packed suffixes")
+    return SuffixLayout("packed", window, "")
+
+
+def reuse_mismatch(shared: np.ndarray, plain: np.ndarray, dtype: str, tolerance: float | None,
+                   noise: float = 0.0) -> str | None:
+    """Why shared-prefix log-odds of one image do not reproduce the plain forward's, or None when they do.
+
+    float32: max |difference| <= 1e-3 (measured up to 1.6e-4 on a trained 30-layer LM, 3e-6 on the test models).
+    16-bit: rounding alone moves log-odds by amounts that depend on the model (measured 0.02-0.06 on the test
+    models, 0.3 on a trained 30-layer LM in bf16, where an off-by-one position moves them 1.3), so no fixed bound
+    fits: the bound is 3x `noise` — the rounding measured on this image, scoring prompts alone vs in their padded
+    batch (`HFVLMTeacher._rounding_noise`) — and at least 5 % of the spread of the plain log-odds over the
+    questions, and 0.02 (docs/teachers.md gives the measurements).
+    """
+    diff = float(np.max(np.abs(shared - plain)))
+    if tolerance is None:
+        spread = float(np.ptp(plain)) if plain.size else 0.0
+        tolerance = 1e-3 if dtype == "float32" else max(3 * noise, 0.05 * spread, 0.02)
+    if diff <= tolerance:
+        return None
+    return f"its log-odds differ from the plain forward's by {diff:.3g} (> {tolerance:.3g})"
+
+
 @TEACHERS.register("hf")
 class HFVLMTeacher:
     """Scores with `AutoProcessor` + `AutoModelForImageTextToText`; see the module docstring."""
@@ -87,12 +147,12 @@ class HFVLMTeacher:
 
     class Options(HFOptions):
         batch_size: int = pydantic.Field(8, ge=1)  # images per score() call
-        # Rows per forward: question suffixes (reuse path), or (image, question) pairs (plain path). The reuse path
-        # holds question_batch copies of the image prefix's KV cache: lower it for long prefixes on small GPUs.
+        # Rows per forward: question suffixes (reuse path), or (image, question) pairs (plain path). The batched
+        # suffix form holds question_batch copies of the image prefix's KV cache: lower it on small GPUs.
         question_batch: int = pydantic.Field(16, ge=1)
         prefix_reuse: Literal["auto", "on", "off"] = "auto"  # auto: on for architectures the tests prove
-        check_reuse: bool = True  # compare reuse with the plain forward on the first image
-        reuse_tolerance: float | None = pydantic.Field(None, gt=0)  # max |log-odds difference|; default by dtype
+        check_reuse: bool = True  # compare reuse with the plain forward on the first image of every shard
+        reuse_tolerance: float | None = pydantic.Field(None, gt=0)  # max |log-odds difference|; default: reuse_mismatch
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -103,12 +163,21 @@ class HFVLMTeacher:
         self._model: Any = None
         self._answers: AnswerTokens | None = None
         self._plans: dict[str, PromptPlan] = {}
-        self._reuse: bool | None = None  # decided at load time, may be switched off by the first-image check
-        self._checked = False
+        self._pad_fallback = False  # the tokenizer had no pad token and pads with EOS
+        self._inputs_accepted: frozenset[str] = frozenset()  # processor outputs the model's forward takes
+        self._layout = SuffixLayout("plain", None, "")
+        self._reuse: bool | None = None  # decided at load time; a failed check switches it off
+        self._checked = False  # the current shard's first image was compared with the plain path
+        self._told_window = False  # warned that sliding windows make this model's suffixes batched
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HFVLMTeacher:
         return cls(validate(cls.Options, options, "teacher"))
+
+    def start_shard(self) -> None:
+        """The label job calls this before each shard: the shard's first image re-checks prefix reuse (prompts
+        grow with an image's tiles, so one image of a job proves little about the others)."""
+        self._checked = False
 
     # -- loading ------------------------------------------------------------------------------------------
     @property
@@ -116,12 +185,14 @@ class HFVLMTeacher:
         if self._processor is None:
             from transformers import AutoProcessor
 
-            self._processor = load_pretrained(AutoProcessor, self.options, "processor")
-            if getattr(self._processor, "tokenizer", None) is None:
+            processor = load_pretrained(AutoProcessor, self.options, "processor")
+            if getattr(processor, "tokenizer", None) is None:
                 raise MakdError(f"teacher.model: the processor of {self.options.model!r} has no tokenizer")
-            if not getattr(self._processor, "chat_template", None):
+            if not getattr(processor, "chat_template", None):
                 raise MakdError(f"teacher.model: {self.options.model!r} has no chat template (not an instruction model?)")
-            self._processor.tokenizer.padding_side = "left"  # plain path: every row's last position is the answer
+            self._pad_fallback = pad_with_eos(processor.tokenizer)
+            processor.tokenizer.padding_side = "left"  # plain path: every row's last position is the answer
+            self._processor = processor
         return self._processor
 
     @property
@@ -133,10 +204,22 @@ class HFVLMTeacher:
             model = load_pretrained(AutoModelForImageTextToText, self.options, "model",
                                     dtype=torch_dtype(self.dtype), **kwargs)
             self._model = model.to(self.device).eval()
-            self._keeps_logits = "logits_to_keep" in inspect.signature(self._model.forward).parameters
-            mode = self.options.prefix_reuse
-            self._reuse = mode == "on" or (mode == "auto" and self.model_type in PROVEN_PREFIX_REUSE)
+            parameters = inspect.signature(self._model.forward).parameters
+            self._keeps_logits = "logits_to_keep" in parameters
+            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            self._inputs_accepted = frozenset(k for k, p in parameters.items() if p.kind in named) - {"labels"}
+            self._decide_reuse()
         return self._model
+
+    def _decide_reuse(self) -> None:
+        mode = self.options.prefix_reuse
+        self._layout = suffix_layout(self._model.config)
+        self._reuse = mode == "on" or (mode == "auto" and self.model_type in PROVEN_PREFIX_REUSE)
+        if self._reuse and self._layout.form == "plain":
+            self._give_up(self._layout.reason)
+        elif self._reuse and self._layout.form == "batched":
+            log.warning("question suffixes of %s run as batched rows, not packed: %s", self.options.model,
+                        self._layout.reason)
 
     @property
     def model_type(self) -> str:
@@ -158,7 +241,7 @@ class HFVLMTeacher:
         o = self.options
         template = self.processor.chat_template
         template = template if isinstance(template, str) else str(template)
-        return {
+        described = {
             "name": self.name,
             "model": o.model,
             "revision": o.revision,
@@ -177,9 +260,11 @@ class HFVLMTeacher:
             "answer_tokens": self.answers.describe(),
             "formula": FORMULA,
             "preprocessing": "images converted to RGB, then the model's own processor (resizing, tiling)",
-            "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY) | {"prefix_reuse", "check_reuse",
-                                                                                "reuse_tolerance"}),
+            "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY) | set(REUSE_OPTIONS)),
         }
+        if self._pad_fallback:  # only then: stores of tokenizers with a pad token resume unchanged
+            described["pad_token"] = f"eos fallback: {self.processor.tokenizer.pad_token}"
+        return described
 
     def _render(self, question: str) -> str:
         o = self.options
@@ -209,46 +294,58 @@ class HFVLMTeacher:
         rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
         plan = self.plan(questions)
         _ = self.model, self.answers
-        first = self._check_reuse(rgb[0], plan) if self._reuse and not self._checked else None
-        if not self._reuse:
-            logodds, mass = self.score_plain(rgb, plan)
-        else:
-            parts = [first if i == 0 and first else self.score_shared(img, plan) for i, img in enumerate(rgb)]
-            logodds, mass = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
-        return AspectScores(logodds.reshape(len(rgb), q), mass.reshape(len(rgb), q))
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for image in rgb:  # shared prefix per image, until (if ever) reuse is switched off
+            scored = self._score_reusing(image, plan) if self._reuse else None
+            if scored is None:
+                break
+            parts.append(scored)
+        if len(parts) < len(rgb):
+            logodds, mass = self.score_plain(rgb[len(parts):], plan)
+            parts += list(zip(logodds.reshape(-1, q), mass.reshape(-1, q)))
+        return AspectScores(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]))
 
-    def _check_reuse(self, image: Image.Image, plan: PromptPlan) -> tuple[np.ndarray, np.ndarray] | None:
-        """Reuse must reproduce the plain forward: checked once, on the first image a job scores. Returns that
-        image's shared-prefix scores, or None after switching to the plain path."""
-        self._checked = True
-        strict = self.options.prefix_reuse == "on"
+    def _score_reusing(self, image: Image.Image, plan: PromptPlan) -> tuple[np.ndarray, np.ndarray] | None:
+        """One image through the shared prefix; on the first image of a shard also through the plain path, and
+        compared. Returns None after switching reuse off (any failure of it: a warning, or with prefix_reuse=on an
+        error)."""
         try:
             shared = self.score_shared(image, plan)
-        except PrefixReuseError as exc:
-            if strict:
-                raise MakdError(f"teacher.prefix_reuse=on: {exc}") from None
-            log.warning("prefix reuse unavailable for %s (%s): using the plain path", self.options.model, exc)
-            self._reuse = False
-            return None
-        if not self.options.check_reuse:
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, the plain path is the reference
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return self._give_up(f"the shared-prefix forward failed ({type(exc).__name__}: {first[:200]})")
+        if self._checked or not self.options.check_reuse:
             return shared
+        self._checked = True
         plain = self.score_plain([image], plan)[0]
-        tolerance = self.options.reuse_tolerance or (1e-3 if self.dtype == "float32" else 0.25)
-        diff = float(np.max(np.abs(shared[0] - plain)))
-        if diff <= tolerance:
-            return shared
-        message = (f"shared-prefix log-odds differ from the plain forward by {diff:.3g} (> {tolerance:g}) for "
-                   f"{self.options.model!r} ({self.model_type})")
-        if strict:
-            raise MakdError(f"teacher.prefix_reuse=on: {message}; use prefix_reuse=off")
-        log.warning("%s: using the plain path", message)
+        noise = self._rounding_noise(image, plan, plain) if self.dtype != "float32" else 0.0
+        problem = reuse_mismatch(shared[0], plain, self.dtype, self.options.reuse_tolerance, noise)
+        return shared if problem is None else self._give_up(problem)
+
+    def _rounding_noise(self, image: Image.Image, plan: PromptPlan, plain: np.ndarray) -> float:
+        """How far 16-bit rounding alone moves this image's log-odds: the first questions' prompts scored alone,
+        against their rows in the padded batches of the plain path (both exact in real arithmetic)."""
+        alone = [self.score_plain([image], PromptPlan([prompt], plan.add_special_tokens, [suffix]))[0][0]
+                 for prompt, suffix in list(zip(plan.prompts, plan.suffixes))[:NOISE_PROBE_QUESTIONS]]
+        return float(np.max(np.abs(np.asarray(alone) - plain[:len(alone)])))
+
+    def _give_up(self, reason: str) -> None:
+        """Switch prefix reuse off for the rest of the job (prefix_reuse=on: stop instead)."""
+        if self.options.prefix_reuse == "on":
+            raise MakdError(f"teacher.prefix_reuse=on: {self.options.model!r} ({self.model_type}) cannot share an image "
+                            f"prefix: {reason}; use prefix_reuse=off or auto")
+        log.warning("prefix reuse off for %s (%s): %s; scoring with the plain path", self.options.model,
+                    self.model_type, reason)
         self._reuse = False
         return None
 
-    def _inputs(self, prompts: list[str], images: list[list[Image.Image]], special: bool) -> Any:
+    def _inputs(self, prompts: list[str], images: list[list[Image.Image]], special: bool) -> dict[str, Any]:
+        """Processor outputs the model's forward takes, on the device: never `labels` (PaliGemma's processor
+        returns them, and a loss over the whole prompt fails against logits kept at the last position only)."""
         batch = self.processor(text=prompts, images=images, return_tensors="pt", padding=True,
                                add_special_tokens=special)
-        return batch.to(self.device, dtype=torch_dtype(self.dtype))
+        batch = batch.to(self.device, dtype=torch_dtype(self.dtype))
+        return {k: v for k, v in batch.items() if k in self._inputs_accepted}
 
     def score_plain(self, images: Sequence[Image.Image], plan: PromptPlan) -> tuple[np.ndarray, np.ndarray]:
         """Reference path: every (image, question) prompt in full, batched left-padded, image-major order."""
@@ -269,7 +366,7 @@ class HFVLMTeacher:
         return np.concatenate(logodds), np.concatenate(mass)
 
     def score_shared(self, image: Image.Image, plan: PromptPlan) -> tuple[np.ndarray, np.ndarray]:
-        """One image: prefill its shared prefix once, then the question suffixes in batches on cache copies."""
+        """One image: prefill its shared prefix once, then the question suffixes in chunks on the cache."""
         import torch
 
         full = self._inputs([plan.prompts[0]], [[image]], plan.add_special_tokens)
@@ -282,11 +379,26 @@ class HFVLMTeacher:
         if image_token is not None and any(image_token in s for s in plan.suffixes):
             raise PrefixReuseError("image tokens fall after the point where the questions differ")
         prefill = {k: v[:, :length] if _per_token(k, v, full["input_ids"]) else v for k, v in full.items()}
+        score = self._score_packed if self._packs(length + max(map(len, plan.suffixes))) else self._score_batched
         with torch.inference_mode():
             cache = self._forward(**prefill, use_cache=True, return_cache=True)
-            score = self._score_packed if self.model_type in PACKED_SUFFIXES else self._score_batched
             parts = [score(cache, length, chunk) for chunk in self._chunks(plan.suffixes)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _packs(self, prompt_tokens: int) -> bool:
+        """Packed suffixes for a prompt of this length? Not past a sliding window: the one packed mask would
+        let the last suffix tokens see prefix tokens that their window hides."""
+        layout = self._layout
+        if layout.form != "packed":
+            return False
+        if layout.window is not None and prompt_tokens > layout.window:
+            if not self._told_window:
+                self._told_window = True
+                log.warning("question suffixes of %s run as batched rows, not packed, for prompts longer than its "
+                            "sliding attention window of %d tokens (the first had %d): one packed mask cannot express "
+                            "sliding windows", self.options.model, layout.window, prompt_tokens)
+            return False
+        return True
 
     def _chunks(self, suffixes: list[list[int]]) -> Iterator[list[list[int]]]:
         step = self.options.question_batch
@@ -294,17 +406,17 @@ class HFVLMTeacher:
             yield suffixes[start:start + step]
 
     def _score_batched(self, cache: Any, length: int, chunk: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Suffixes as right-padded rows, each on a (broadcast) copy of the prefix cache."""
+        """Suffixes as right-padded rows, each on a (broadcast) copy of the prefix cache; the model makes its
+        own (causal, sliding-window) masks and positions, continuing from the cache's length."""
         import torch
 
         width = max(len(s) for s in chunk)
-        pad = self._pad_id()
+        pad = self.processor.tokenizer.pad_token_id
         input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=self.device)
         rows = torch.arange(len(chunk), device=self.device)
         last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
         with read_hidden_at(self.model, rows, last), grouped_kv_in_sdpa(self.device == "cpu"):
-            # Positions continue from the cache's length (transformers derives them from it).
-            out = self.model(input_ids=input_ids, past_key_values=repeat_cache(cache, len(chunk)), use_cache=True)
+            out = self.model(input_ids=input_ids, cache=repeat_cache(cache, len(chunk)), use_cache=True)
         return logodds_and_mass(out.logits[:, 0], self.answers)
 
     def _score_packed(self, cache: Any, length: int, chunk: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -322,27 +434,21 @@ class HFVLMTeacher:
         mask = torch.zeros(1, 1, total, length + total, dtype=dtype, device=self.device)
         mask[0, 0, :, length:] = torch.where(allowed, 0.0, torch.finfo(dtype).min)
         positions = (length + offset)[None]
-        if self.model_type in MROPE:  # text positions after the image continue from the prefill's rope_deltas
-            positions = (positions + self.model.model.rope_deltas.to(positions)).expand(3, 1, total)
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        if deltas is not None:  # M-RoPE: text positions after the image continue from the prefill's rope_deltas
+            positions = (positions + deltas.to(positions)).expand(3, 1, total)
         input_ids = torch.tensor([t for s in chunk for t in s], device=self.device)[None]
         last = torch.cumsum(lengths, 0) - 1
         with read_hidden_at(self.model, torch.zeros_like(last), last):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=repeat_cache(cache, 1), use_cache=True)
+                             cache=repeat_cache(cache, 1), use_cache=True)
         return logodds_and_mass(out.logits[:, 0], self.answers)
 
     def _forward(self, return_cache: bool = False, **inputs: Any) -> Any:
         """Logits at the last position only (no [B, T, V] tensor), or the KV cache of a prefill."""
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
         out = self.model(**inputs, **keep)
-        return out.past_key_values if return_cache else out.logits[:, -1:]
-
-    def _pad_id(self) -> int:
-        tokenizer = self.processor.tokenizer
-        for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return out.cache if return_cache else out.logits[:, -1:]
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from makd.clients.hf import (
     adds_special_tokens,
     load_pretrained,
     model_fingerprint,
+    pad_with_eos,
     resolve_device,
     resolve_dtype,
     template_kwargs,
@@ -90,6 +91,7 @@ class TextTeacher:
         self._model: Any = None
         self._answers: AnswerTokens | None = None
         self._client: ChatClient | None = None
+        self._pad_fallback = False  # the tokenizer had no pad token and pads with EOS
         if isinstance(options, HFTextOptions):
             self.device = resolve_device(options.device)
             self.dtype = resolve_dtype(options.dtype, self.device)
@@ -121,9 +123,8 @@ class TextTeacher:
             from transformers import AutoTokenizer
 
             tok = load_pretrained(AutoTokenizer, self.options, "tokenizer")
+            self._pad_fallback = pad_with_eos(tok)
             tok.padding_side = "left"  # every row's last position is the answer position
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
             self._tokenizer = tok
         return self._tokenizer
 
@@ -168,11 +169,14 @@ class TextTeacher:
         if isinstance(o, ServerTextOptions):
             return {**server_describe(o, self.name), **common,
                     "example": self.messages("{class_name}", "{question}")}
-        return {**common, "model": o.model, "revision": o.revision, "gguf_file": o.gguf_file,
-                "weights": model_fingerprint(o), "dtype": self.dtype, "trust_remote_code": o.trust_remote_code,
-                "example": self._render("{class_name}", "{question}"), "answer_tokens": self.answers.describe(),
-                "formula": FORMULA,
-                "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY))}
+        described = {**common, "model": o.model, "revision": o.revision, "gguf_file": o.gguf_file,
+                     "weights": model_fingerprint(o), "dtype": self.dtype, "trust_remote_code": o.trust_remote_code,
+                     "example": self._render("{class_name}", "{question}"), "answer_tokens": self.answers.describe(),
+                     "formula": FORMULA,
+                     "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY))}
+        if self._pad_fallback:  # only then: stores of tokenizers with a pad token resume unchanged
+            described["pad_token"] = f"eos fallback: {self.tokenizer.pad_token}"
+        return described
 
     def class_table(self, questions: QuestionSet) -> AspectScores:
         """[C, Q] answers for every class name of the question set, computed once per set."""

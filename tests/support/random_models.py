@@ -1,10 +1,10 @@
 """Randomly initialised (vision-)language models of real architectures, built offline for tests and benchmarks.
 
 No multimodal weights install offline (no model hub is reachable), so the `hf` teacher is checked the way transformers'
-own tests check models: with tiny configs of real architectures (LLaVA, Qwen2-VL, Idefics3, InternVL, Gemma 3)
-and a small byte-level BPE tokenizer that has Yes/No tokens, the architecture's special tokens and a chat
-template shaped like the released model's. `save_random_vlm` writes model + processor to a folder that loads
-through `AutoProcessor` / `AutoModelForImageTextToText`, i.e. exactly the path a user's hub model takes.
+own tests check models: with tiny configs of real architectures (`ARCHITECTURES`) and a small byte-level BPE tokenizer
+that has Yes/No tokens, the architecture's special tokens and a chat template shaped like the released model's.
+`save_random_vlm` writes model + processor to a folder that loads through `AutoProcessor` /
+`AutoModelForImageTextToText`, i.e. exactly the path a user's hub model takes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "internvl", "gemma3")
 
 # Words the BPE tokenizer is trained on: answer words (so "Yes", " Yes", "no"... are single tokens) and the
 # vocabulary of typical aspect questions.
@@ -32,18 +30,27 @@ SPECIAL_TOKENS = [
     "<fake_token_around_image>", "<global-img>", *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<img>", "</img>", "<IMG_CONTEXT>",
     "<video>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
-    "<think>", "</think>",
+    "<think>", "</think>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<|START_OF_TURN_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL",
 ]
 
+_QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+_IDEFICS_TOKENS = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                   "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
 NAMED_TOKENS: dict[str, dict[str, str]] = {
     "llava": {"image_token": "<image>"},
-    "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
-                 "vision_end_token": "<|vision_end|>"},
-    "idefics3": {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                 "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    "llava_next": {"image_token": "<image>"},
+    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
+    "qwen2_vl": _QWEN_TOKENS, "qwen2_5_vl": _QWEN_TOKENS, "qwen3_vl": _QWEN_TOKENS,
+    "idefics3": _IDEFICS_TOKENS, "smolvlm": _IDEFICS_TOKENS,
     "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                  "video_token": "<video>"},
     "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    "mistral3": {"image_token": "[IMG]"},
+    "aya_vision": {"image_token": "<image>"},
+    "paligemma": {"image_token": "<image>"},
 }
 
 # Chat templates shaped like the released models' (image first, generation prompt after the user turn). The
@@ -52,17 +59,24 @@ NL = "{{ '\\n' }}"  # a literal newline: transformers renders templates with tri
 _CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
             "{% if item['type'] == 'image' %}IMAGE{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
             "{% endfor %}{% endif %}")
+_LLAVA = ("{% for message in messages %}{% if message['role'] == 'system' %}" + _CONTENT + NL + "{% else %}"
+          "{{ message['role'] | upper }}: " + _CONTENT.replace("IMAGE", "<image>" + NL) + NL + "{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+_QWEN = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system" + NL + "You are a helpful assistant.<|im_end|>"
+         + NL + "{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}" + NL
+         + _CONTENT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>") + "<|im_end|>" + NL
+         + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant" + NL + "{% endif %}")
+_IDEFICS = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+            + _CONTENT.replace("IMAGE", "<image>") + "<end_of_utterance>" + NL + "{% endfor %}"
+            "{% if add_generation_prompt %}Assistant:{% endif %}")
 CHAT_TEMPLATES = {
-    "llava": ("{% for message in messages %}{% if message['role'] == 'system' %}" + _CONTENT + NL + "{% else %}"
-              "{{ message['role'] | upper }}: " + _CONTENT.replace("IMAGE", "<image>" + NL) + NL + "{% endif %}"
-              "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"),
-    "qwen2_vl": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system" + NL + "You are a helpful assistant.<|im_end|>"
-                 + NL + "{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}" + NL
-                 + _CONTENT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>") + "<|im_end|>" + NL
-                 + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant" + NL + "{% endif %}"),
-    "idefics3": ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-                 + _CONTENT.replace("IMAGE", "<image>") + "<end_of_utterance>" + NL + "{% endfor %}"
-                 "{% if add_generation_prompt %}Assistant:{% endif %}"),
+    "llava": _LLAVA,
+    "llava_next": _LLAVA,
+    "llava_onevision": ("{% for message in messages %}<|im_start|>{{ message['role'] }}" + NL
+                        + _CONTENT.replace("IMAGE", "<image>" + NL) + "<|im_end|>" + NL + "{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant" + NL + "{% endif %}"),
+    "qwen2_vl": _QWEN, "qwen2_5_vl": _QWEN, "qwen3_vl": _QWEN,
+    "idefics3": _IDEFICS, "smolvlm": _IDEFICS,
     "internvl": ("{% for message in messages %}<|im_start|>{{ message['role'] }}" + NL
                  + _CONTENT.replace("IMAGE", "<IMG_CONTEXT>" + NL) + "<|im_end|>" + NL + "{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant" + NL
@@ -71,12 +85,20 @@ CHAT_TEMPLATES = {
     "gemma3": ("{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
                "else 'user' }}" + NL + _CONTENT.replace("IMAGE", "<start_of_image>") + "<end_of_turn>" + NL + "{% endfor %}"
                "{% if add_generation_prompt %}<start_of_turn>model" + NL + "{% endif %}"),
+    "mistral3": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+                 + _CONTENT.replace("IMAGE", "[IMG]") + "[/INST]{% endif %}{% endfor %}"),
+    "aya_vision": ("{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|><|USER_TOKEN|>"
+                   + _CONTENT.replace("IMAGE", "<image>") + "<|END_OF_TURN_TOKEN|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"),
+    # PaliGemma's processor itself puts BOS after the image tokens and a newline after the prompt.
+    "paligemma": "{% for message in messages %}" + _CONTENT.replace("IMAGE", "<image>") + "{% endfor %}",
 }
 
 
-def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None) -> Any:
+def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: bool = True) -> Any:
     """A byte-level BPE tokenizer trained on `CORPUS` — or `base`, a real tokenizer (the benchmark uses SmolLM2's,
-    as SmolVLM does) — with the architecture's special tokens and chat template."""
+    as SmolVLM does) — with the architecture's special tokens and chat template; `pad=False`: no pad token, as
+    Llama- and Mistral-family tokenizers ship."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,9 +117,10 @@ def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS] * 3, trainer)
+    eos = "<eos>" if arch in ("gemma3", "paligemma") else "<|im_end|>"
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>" if arch != "gemma3" else "<eos>",
-        pad_token="<pad>", extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16)
+        tokenizer_object=tok, bos_token="<bos>", eos_token=eos, pad_token="<pad>" if pad else None,
+        extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16)
 
 
 def _text(tok: Any, **overrides: Any) -> dict[str, Any]:
@@ -115,13 +138,15 @@ def _vision(**overrides: Any) -> dict[str, Any]:
     return {**base, **overrides}
 
 
+def _mrope(t: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Qwen-VL rope parameters: the head's rotary half split over (time, height, width)."""
+    half = t.get("head_dim", t["hidden_size"] // t["num_attention_heads"]) // 2
+    section = [half // 2, half // 4, half - half // 2 - half // 4]
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **extra}}
+
+
 def _llava(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     patch = 8
     config = LlavaConfig(
@@ -136,61 +161,107 @@ def _llava(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
     return LlavaForConditionalGeneration(config), processor
 
 
-def _qwen2_vl(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLProcessor,
-    )
-    from transformers.models.qwen2_vl import (
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _llava_next(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    """AnyRes: the image is split into a grid of `image` px crops (best fit among the pinpoints) plus a base view."""
+    import transformers as hf
 
+    patch = 8
+    pinpoints = [[image, 2 * image], [2 * image, image], [2 * image, 2 * image]]
+    config = hf.LlavaNextConfig(
+        text_config={"model_type": "llama", **_text(tok, **text)},
+        vision_config={"model_type": "clip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, image_grid_pinpoints=pinpoints, image_seq_length=(image // patch) ** 2,
+        initializer_range=0.2)
+    image_processor = hf.LlavaNextImageProcessor(size={"shortest_edge": image}, image_grid_pinpoints=pinpoints,
+                                                 crop_size={"height": image, "width": image})
+    processor = hf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                      chat_template=CHAT_TEMPLATES["llava_next"])
+    return hf.LlavaNextForConditionalGeneration(config), processor
+
+
+def _llava_onevision(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    import transformers as hf
+
+    patch = 8
+    pinpoints = [[image, image], [image, 2 * image], [2 * image, image], [2 * image, 2 * image]]
+    config = hf.LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **_text(tok, **text)},
+        vision_config={"model_type": "siglip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+        initializer_range=0.2)
+    image_processor = hf.LlavaOnevisionImageProcessor(size={"height": image, "width": image},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = hf.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
+                                           video_processor=hf.LlavaOnevisionVideoProcessor(),
+                                           num_image_tokens=(image // patch) ** 2, vision_feature_select_strategy="full",
+                                           chat_template=CHAT_TEMPLATES["llava_onevision"])
+    return hf.LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _qwen_vl(arch: str, tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    """Qwen2-VL, Qwen2.5-VL (windowed vision attention) and Qwen3-VL (DeepStack, interleaved M-RoPE): dynamic
+    resolution, 2x2 patch merging, 3-D rotary positions in the language model."""
+    import transformers
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessor
+
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[arch]
+    video = getattr(transformers, f"{'Qwen3VL' if arch == 'qwen3_vl' else 'Qwen2VL'}VideoProcessor")
     t = _text(tok, **text)
-    head_dim = t["hidden_size"] // t["num_attention_heads"]
-    section = [head_dim // 4, head_dim // 8, head_dim // 2 - head_dim // 4 - head_dim // 8]  # M-RoPE t/h/w split
     v = _vision(**vision)
-    config = Qwen2VLConfig(
-        text_config={"model_type": "qwen2_vl_text", **t, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                     "mrope_section": section}},
-        vision_config={"depth": v["num_hidden_layers"], "embed_dim": v["hidden_size"], "hidden_size": t["hidden_size"],
-                       "num_heads": v["num_attention_heads"], "mlp_ratio": v["intermediate_size"] // v["hidden_size"],
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.2},
+    patch = 16 if arch == "qwen3_vl" else 14
+    vision_config = {"depth": v["num_hidden_layers"], "hidden_size": v["hidden_size"], "num_heads": v["num_attention_heads"],
+                     "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.2}
+    if arch == "qwen2_vl":
+        vision_config.update(embed_dim=v["hidden_size"], hidden_size=t["hidden_size"],
+                             mlp_ratio=v["intermediate_size"] // v["hidden_size"])
+        t.update(_mrope(t))
+    elif arch == "qwen2_5_vl":
+        vision_config.update(intermediate_size=v["intermediate_size"], out_hidden_size=t["hidden_size"],
+                             window_size=2 * patch * 2, fullatt_block_indexes=[v["num_hidden_layers"] - 1])
+        t.update(_mrope(t))
+    else:
+        vision_config.update(intermediate_size=v["intermediate_size"], out_hidden_size=t["hidden_size"],
+                             num_position_embeddings=16, deepstack_visual_indexes=[0])
+        t.update(head_dim=8, **_mrope({**t, "head_dim": 8}, mrope_interleaved=True))
+    config = getattr(transformers, f"{names}Config")(
+        text_config={"model_type": f"{arch}_text", **t}, vision_config=vision_config,
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), initializer_range=0.2)
     pixels = image * image
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels // 2, max_pixels=pixels, patch_size=14, merge_size=2,
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels // 2, max_pixels=pixels, patch_size=patch, merge_size=2,
                                             temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=CHAT_TEMPLATES["qwen2_vl"])
-    return Qwen2VLForConditionalGeneration(config), processor
+    processor = getattr(transformers, f"{names}Processor")(image_processor=image_processor, tokenizer=tok,
+                                                           video_processor=video(), chat_template=CHAT_TEMPLATES[arch])
+    return getattr(transformers, f"{names}ForConditionalGeneration")(config), processor
 
 
-def _idefics3(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
-    """Image splitting: an image up to 2x`image` px becomes up to 4 tiles of `image` px plus a global view."""
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-    )
+def _idefics3(tok: Any, text: dict, vision: dict, image: int, smol: bool = False) -> tuple[Any, Any]:
+    """Idefics3 / SmolVLM image splitting: an image up to 2x`image` px becomes up to 4 tiles of `image` px plus a
+    global view."""
+    import transformers
 
+    name = "SmolVLM" if smol else "Idefics3"
     patch, scale = 8, 2
-    config = Idefics3Config(
+    config = getattr(transformers, f"{name}Config")(
         text_config={"model_type": "llama", **_text(tok, **text)},
-        vision_config={"model_type": "idefics3_vision", **_vision(image_size=image, patch_size=patch, **vision)},
+        vision_config={"model_type": f"{'smolvlm' if smol else 'idefics3'}_vision",
+                       **_vision(image_size=image, patch_size=patch, **vision)},
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale, initializer_range=0.2)
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 2 * image}, max_image_size={"longest_edge": image},
-                                             do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok,
-                                  image_seq_len=(image // patch) ** 2 // scale**2, chat_template=CHAT_TEMPLATES["idefics3"])
-    return Idefics3ForConditionalGeneration(config), processor
+    image_processor = getattr(transformers, f"{name}ImageProcessor")(
+        size={"longest_edge": 2 * image}, max_image_size={"longest_edge": image}, do_image_splitting=True)
+    video = {"video_processor": transformers.SmolVLMVideoProcessor()} if smol else {}
+    processor = getattr(transformers, f"{name}Processor")(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=(image // patch) ** 2 // scale**2,
+        chat_template=CHAT_TEMPLATES["smolvlm" if smol else "idefics3"], **video)
+    return getattr(transformers, f"{name}ForConditionalGeneration")(config), processor
 
 
 def _internvl(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
-    """Dynamic tiling as in InternVL2.5/3: up to 4 tiles of `image` px plus a thumbnail."""
+    """Dynamic tiling as in InternVL2.5/3: up to 4 tiles of `image` px plus a thumbnail; a Qwen2 language model."""
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -236,21 +307,99 @@ def _gemma3(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
     return Gemma3ForConditionalGeneration(config), processor
 
 
-BUILDERS: dict[str, Callable[[Any, dict, dict, int], tuple[Any, Any]]] = {
-    "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics3": _idefics3, "internvl": _internvl, "gemma3": _gemma3}
-IMAGE_SIZES = {"llava": 32, "qwen2_vl": 56, "idefics3": 32, "internvl": 32, "gemma3": 32}
+def _mistral3(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    """Mistral Small 3.x: Pixtral vision (native aspect ratio, [IMG_BREAK] per row, 2x2 patch merging), Mistral LM."""
+    import transformers as hf
+
+    patch, merge = 8, 2
+    v = _vision(**vision)
+    config = hf.Mistral3Config(
+        text_config={"model_type": "mistral", **_text(tok, **{"head_dim": 8, **text})},
+        vision_config={"model_type": "pixtral", **v, "head_dim": v["hidden_size"] // v["num_attention_heads"],
+                       "image_size": 2 * image, "patch_size": patch},
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=merge, vision_feature_layer=-1,
+        initializer_range=0.2)
+    image_processor = hf.PixtralImageProcessor(size={"longest_edge": 2 * image},
+                                               patch_size={"height": patch * merge, "width": patch * merge})
+    processor = hf.PixtralProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                    spatial_merge_size=merge, chat_template=CHAT_TEMPLATES["mistral3"])
+    return hf.Mistral3ForConditionalGeneration(config), processor
+
+
+def _aya_vision(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    """Aya Vision 8B: SigLIP tiles + thumbnail, pixel-shuffle downsampling, a Cohere2 LM (sliding-window layers with
+    the released 4096-token window, longer than these prompts)."""
+    import transformers as hf
+
+    patch, down = 8, 2
+    t = _text(tok, **{"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], **text})
+    config = hf.AyaVisionConfig(
+        text_config={"model_type": "cohere2", **t},
+        vision_config={"model_type": "siglip_vision_model",
+                       **_vision(image_size=image, patch_size=patch, vision_use_head=False, **vision)},
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=down,
+        vision_feature_select_strategy="full", initializer_range=0.2)
+    image_processor = hf.GotOcr2ImageProcessor(size={"height": image, "width": image}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    processor = hf.AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch, img_size=image,
+                                      downsample_factor=down, chat_template=CHAT_TEMPLATES["aya_vision"])
+    return hf.AyaVisionForConditionalGeneration(config), processor
+
+
+def _paligemma(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
+    """PaliGemma: a prefix-LM (image AND prompt tokens attend to each other both ways), so no prefix can be shared;
+    its processor returns `labels` next to the inputs."""
+    import transformers as hf
+
+    patch = 8
+    image_processor = hf.SiglipImageProcessor(size={"height": image, "width": image})
+    image_processor.image_seq_length = (image // patch) ** 2
+    processor = hf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok,
+                                      chat_template=CHAT_TEMPLATES["paligemma"])  # adds location tokens to `tok`
+    t = _text(tok, **{"head_dim": 8, **text})
+    config = hf.PaliGemmaConfig(
+        text_config={"model_type": "gemma", **t},
+        vision_config={"model_type": "siglip_vision_model",
+                       **_vision(image_size=image, patch_size=patch, projection_dim=t["hidden_size"], **vision)},
+        image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=t["hidden_size"],
+        initializer_range=0.2)
+    return hf.PaliGemmaForConditionalGeneration(config), processor
+
+
+Builder = Callable[[Any, dict, dict, int], tuple[Any, Any]]
+BUILDERS: dict[str, Builder] = {
+    "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
+    "qwen2_vl": lambda *a: _qwen_vl("qwen2_vl", *a), "qwen2_5_vl": lambda *a: _qwen_vl("qwen2_5_vl", *a),
+    "qwen3_vl": lambda *a: _qwen_vl("qwen3_vl", *a), "idefics3": _idefics3,
+    "smolvlm": lambda *a: _idefics3(*a, smol=True), "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3,
+    "aya_vision": _aya_vision, "paligemma": _paligemma,
+}
+IMAGE_SIZES = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 64}  # multiples of patch x merge; the others: 32
+
+# Test variants: (architecture, language-model overrides, whether the tokenizer has a pad token).
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    # An InternVL on a Qwen2 backbone with Qwen2's sliding window switched on for its second layer, the window
+    # (16 tokens) shorter than every prompt: the packed suffixes' single mask cannot express it.
+    "internvl_sliding": ("internvl", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}, True),
+    # Llama and Mistral tokenizers ship without a pad token.
+    "llava_next": ("llava_next", {}, False),
+    "mistral3": ("mistral3", {}, False),
+}
+ARCHITECTURES = (*BUILDERS, *(v for v in VARIANTS if v not in BUILDERS))
 
 
 def build_random_vlm(arch: str, *, text: dict | None = None, vision: dict | None = None, image: int | None = None,
                      seed: int = 0, tokenizer: Any = None) -> tuple[Any, Any]:
-    """(model, processor) of `arch`, randomly initialised with a fixed seed; `text`/`vision` override the sizes."""
+    """(model, processor) of `arch` (an architecture or a variant), randomly initialised with a fixed seed;
+    `text`/`vision` override the sizes."""
     import torch
 
-    if arch not in BUILDERS:
+    if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
+    base, overrides, pad = VARIANTS.get(arch, (arch, {}, True))
     torch.manual_seed(seed)
-    tok = tokenizer or build_tokenizer(arch)
-    model, processor = BUILDERS[arch](tok, text or {}, vision or {}, image or IMAGE_SIZES[arch])
+    tok = tokenizer or build_tokenizer(base, pad=pad)
+    model, processor = BUILDERS[base](tok, {**overrides, **(text or {})}, vision or {}, image or IMAGE_SIZES.get(base, 32))
     with torch.no_grad():  # zero-initialised matrices (Gemma 3's image projection) would make the image invisible
         for param in model.parameters():
             if param.ndim >= 2 and not param.any():
@@ -267,13 +416,13 @@ def save_random_vlm(arch: str, folder: str | Path, **kwargs: Any) -> Path:
     return folder
 
 
-def save_random_lm(folder: str | Path, *, seed: int = 0, **text: Any) -> Path:
+def save_random_lm(folder: str | Path, *, seed: int = 0, pad: bool = True, **text: Any) -> Path:
     """A random Llama-architecture causal LM with the same tokenizer (ChatML template), for the text teacher."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tok = build_tokenizer("qwen2_vl")
+    tok = build_tokenizer("qwen2_vl", pad=pad)
     model = LlamaForCausalLM(LlamaConfig(**_text(tok, **text))).eval()
     folder = Path(folder)
     model.save_pretrained(folder)
