@@ -23,6 +23,7 @@ from makd.atomic import read_json, write_json
 from makd.clients.hf import (
     HFModelOptions,
     load_pretrained,
+    pad_with_eos,
     resolve_device,
     resolve_dtype,
     torch_dtype,
@@ -137,8 +138,7 @@ class TextLLM:
         with torch.inference_mode():
             out = model.generate(**inputs, do_sample=o.temperature > 0, temperature=o.temperature or None,
                                  top_p=o.top_p, max_new_tokens=o.max_new_tokens, num_return_sequences=n,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                 else tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id)
         start = inputs["input_ids"].shape[1]
         return [tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]
 
@@ -155,6 +155,7 @@ class TextLLM:
             hf_logging.disable_progress_bar()
             try:
                 self._tokenizer = load_pretrained(AutoTokenizer, location, "tokenizer", section="llm")
+                pad_with_eos(self._tokenizer, "llm")  # the one pad rule of every local model
                 self._model = load_pretrained(AutoModelForCausalLM, location, "model", section="llm",
                                               dtype=dtype).to(device).eval()
             finally:
