@@ -316,8 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(demo_config(Path(args.out), args.overrides)), end="")
         return 0
-    run_demo(Path(args.out), seeds=args.seeds or (5 if detection else 10), overrides=args.overrides,
-             progress=not args.no_progress, batch_seeds=args.batch_seeds)
+    run_demo(Path(args.out), seeds=args.seeds or (5 if detection else 8), overrides=args.overrides,
+             progress=not args.no_progress, workers=args.workers or (1 if detection else 2))
     return 0
 
 
@@ -338,8 +338,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
               f"{executor.workers} worker(s), batch_seeds {executor.batch_seeds})")
         return 0
     from makd.experiment.report import write_report
+    from makd.experiment.runner import finished
 
-    outcome = run_grid(grid, executor, progress=not args.no_progress)
+    outcome = finished(grid) if args.report else run_grid(grid, executor, progress=not args.no_progress)
     folder = write_report(grid, outcome)
     print((folder / "tables.md").read_text(encoding="utf-8"))
     print(f"results: {folder / 'results.csv'}; tables: {folder / 'tables.md'} (.csv, .tex); plots in {folder}")
@@ -485,9 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "detection default (per-box aspects, COCO mAP; output in runs/demo-detection).",
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    de.add_argument("--seeds", type=int, help="paired seeds per method (default 10; detection: 5)")
-    de.add_argument("--batch-seeds", type=int, default=10,
-                    help="seeds of a method trained together as one stacked model (default 10; 1 = one by one)")
+    de.add_argument("--seeds", type=int, help="paired seeds per method (default 8: what fits in ~13 minutes on 2 CPU cores; detection: 5)")
+    de.add_argument("--workers", type=int,
+                    help="runs trained at a time, in worker processes of one torch thread each (default 2; detection: "
+                         "1). On 2 CPU cores two 1-thread runs beat one 2-thread run by ~1.1x (benchmarks/cheap_seeds.py)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     _print_config_arg(de)
     de.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
@@ -502,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("grid", help="grid YAML file (see configs/evidence/ and configs/paper/grid.yaml)")
     ex.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every cell")
     ex.add_argument("--dry-run", action="store_true", help="list the cells, their status and folders; run nothing")
+    ex.add_argument("--report", action="store_true",
+                    help="write the tables and plots from the cells finished so far; train nothing (e.g. while the grid "
+                         "runs elsewhere)")
     ex.add_argument("--executor", choices=["local", "slurm"], help="where cells run (default: the grid's executor)")
     ex.add_argument("--workers", type=int, help="local: worker processes (default: the grid's, 1)")
     ex.add_argument("--threads", type=int, help="local: torch threads per worker (default: cores / workers)")

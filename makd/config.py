@@ -91,6 +91,8 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
                                 "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs and after the last (a kill loses at most "
+                                  "N epochs; short runs save time with 10)")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
     tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
     progress: bool = Field(True, description="progress bars")

@@ -92,7 +92,7 @@ def main() -> None:
     save_config(config, out / "config.yaml")
     grid = Grid(GridFile(name="selection", out=str(out), configs=[str(out / "config.yaml")],
                          methods={m: {"overrides": o} for m, o in methods.items()}, reference="CE", seeds=args.seeds,
-                         executor=Executor(batch_seeds=args.seeds)), out, "question selection evidence")
+                         executor=Executor(workers=2, threads=1)), out, "question selection evidence")
     outcome = run_grid(grid)
     write_report(grid, outcome)
     results = by_method(outcome, "default")

@@ -15,7 +15,7 @@ from makd.questions import QuestionSet
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--seeds", "2", "--batch-seeds", "2", "--no-progress", "train.epochs=2", "train.eval_every=1", "data.train_per_class=5",
+SMALL = ["--seeds", "2", "--workers", "2", "--no-progress", "train.epochs=2", "train.eval_every=1", "data.train_per_class=5",
          "data.val_per_class=5", "data.test_per_class=30", "labels.max_per_class.test=6"]
 
 
@@ -43,8 +43,9 @@ def test_demo_small(tmp_path):
     assert diff["mean"] == pytest.approx(sum(m - c for m, c in zip(makd, ce)) / 2)
     half = 12.706204736174707 * abs((makd[0] - ce[0]) - (makd[1] - ce[1])) / 2  # t(0.975, 1 df) · sd / sqrt(2)
     assert (diff["mean"] - diff["low"], diff["high"] - diff["mean"]) == pytest.approx((half, half))
-    # The seeds of a method trained as one stacked model (one group folder), each seed's folder a complete run.
-    assert (out / "runs" / "makd-seeds-0-1" / "checkpoints" / "last.pt").is_file()
+    # Each run trained in its own folder (two worker processes) under the embedded recipe.
+    assert (out / "runs" / "makd-s1" / "checkpoints" / "last.pt").is_file()
+    assert "crop_padding: 2" in (out / "runs" / "makd-s1" / "config.yaml").read_text()
     rows = (out / "comparison" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 6 and rows[0].startswith("run,method,")
     # The permuted control really trained on other images' targets, and the CE run had no aspect head.

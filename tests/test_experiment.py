@@ -10,13 +10,14 @@ import pytest
 import yaml
 from conftest import PixelTeacher, make_question_set
 
+from makd.cli import main as cli_main
 from makd.config import load_config
 from makd.data import build_splits
 from makd.data.base import ImageSplit
 from makd.errors import MakdError
 from makd.experiment.grid import Grid
 from makd.experiment.report import write_report
-from makd.experiment.runner import DONE, TODO, plan, run_grid
+from makd.experiment.runner import DONE, TODO, finished, plan, run_grid
 from makd.labels import LabelStore, label_split
 from makd.report.compare import paired_difference
 
@@ -112,6 +113,13 @@ def test_run_skip_report_and_refuse_a_changed_cell(tmp_path, labelled, monkeypat
     changed = Grid.load(path, ["train.epochs=3"])
     with pytest.raises(MakdError, match=r"holds a run with another train.epochs"):
         plan(changed)
+
+    # `--report` tables what has finished so far and trains nothing (the monkeypatch above still fails any training).
+    (tmp_path / "out" / "runs" / "ce-s1" / "results.json").unlink()
+    assert set(finished(grid).results) == set(outcome.results) - {"ce-s1"}
+    assert cli_main(["experiment", str(path), "--report", "--no-progress"]) == 0
+    assert [r["run"] for r in csv.DictReader((folder / "results.csv").open())] == ["ce-s0", "makd-s0", "makd-q2-s0", "makd-s1"]
+    assert not (tmp_path / "out" / "runs" / "ce-s1" / "results.json").exists()
 
 
 def test_bootstrap_and_t_intervals_of_a_paired_difference():

@@ -119,6 +119,24 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
     assert results["test_top1_best"] == json.loads((tmp_path / "ref" / "results.json").read_text())["test_top1_best"]
 
 
+def test_checkpoint_every_n_epochs_resumes_from_the_last_saved_epoch(tmp_path, labelled, monkeypatch):
+    """`train.checkpoint_every: 2` saves after epochs 2 and 3 (the last) only; a kill in epoch 3 loses that epoch,
+    and the re-run ends bit-identical to a run that checkpointed every epoch."""
+    common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}"]
+    train(load_config(overrides=common + [f"out={tmp_path / 'ref'}"]))
+
+    config = load_config(overrides=common + [f"out={tmp_path / 'crash'}", "train.checkpoint_every=2"])
+    train_until_interrupted(config, monkeypatch, at_step=14)  # epoch 3, step 4 of 5
+    state = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    assert not (tmp_path / "crash" / "checkpoints" / "last.prev.pt").exists()  # epoch 1 was not saved
+    train(config)
+    a, b = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "crash" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert final["epoch"] == 3
+
+
 def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, labelled, monkeypatch):
     common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}",
                      "train.checkpoint_every_steps=1", f"out={tmp_path}"]

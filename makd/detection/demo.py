@@ -95,8 +95,7 @@ def gallery(config: Config, model_file: Path, path: Path, count: int = 8) -> Non
 
 
 def run_detection_demo(out: Path, seeds: int = 5, overrides: list[str] | None = None, progress: bool = True,
-                       batch_seeds: int = 1) -> dict[str, Any]:
-    """`batch_seeds` is accepted for the command line's sake: detectors train one seed at a time."""
+                       workers: int = 1) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(out, list(overrides or []) + ([] if progress else ["train.progress=false"]))
     if config.train.threads:  # labelling too
@@ -113,7 +112,7 @@ def run_detection_demo(out: Path, seeds: int = 5, overrides: list[str] | None = 
         write_json(out / "teacher_quality.json", quality)
 
     t1 = time.perf_counter()
-    grid = demo_grid(config, out, seeds, metric="test_map")
+    grid = demo_grid(config, out, seeds, workers, metric="test_map")
     outcome = run_grid(grid, progress=progress)
     if outcome.failed:
         raise MakdError(f"demo: {len(outcome.failed)} run(s) failed, e.g. {next(iter(outcome.failed.values()))}")

@@ -72,8 +72,9 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
 NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
+# Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it).
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
-                     "train.wandb", "train.wandb_project"}
+                     "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -279,7 +280,8 @@ class Trainer:
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 if main:
                     runlog.log_row(row, self.state.history)
-                self.save_checkpoint()
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    self.save_checkpoint()
                 bar.update(1)
         runlog.close()
         if main:

@@ -138,7 +138,13 @@ def run_grid(grid: Grid, executor: Executor | None = None, progress: bool = True
             bar.update(len(job.names))
             if results:
                 bar.set_postfix_str(f"{job.names[-1]}: {results[-1].get('test_top1_best', float('nan')):.2f}")
-    for p in planned:
+    return finished(grid, outcome)
+
+
+def finished(grid: Grid, outcome: Outcome | None = None) -> Outcome:
+    """The results of the grid's finished cells (read back, nothing trains): what a report can show so far."""
+    outcome = outcome or Outcome(plan(grid, prepare=False))
+    for p in outcome.plan:
         done = p.run / "results.json"
         if done.is_file():
             outcome.results[p.cell.name] = read_json(done, "results")

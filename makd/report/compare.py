@@ -117,7 +117,7 @@ def comparison_table(results: dict[str, list[dict[str, Any]]], reference: str, m
     seeds better, the verdict — and the numbers behind them."""
     numbers = compare_methods(results, reference, metric)
     rows = [f"| method | seeds | {label}, best on val | {label}, last epoch | Δ vs {reference}, best on val "
-            "[95% t CI] [bootstrap] | Δ vs {reference}, last epoch [95% t CI] | seeds better (best / last) | verdict |",
+            f"[95% t CI] [bootstrap] | Δ vs {reference}, last epoch [95% t CI] | seeds better (best / last) | verdict |",
             "|---|---|---|---|---|---|---|---|"]
     for method, entry in numbers.items():
         best, last = entry["best"], entry["last"]
