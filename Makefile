@@ -42,7 +42,7 @@ data:
 	@scripts/ensure-fashion-mnist.sh
 
 bench: setup data
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

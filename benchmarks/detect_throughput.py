@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning OpenMP thread
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _throughput_table import print_throughput_table  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from makd.config import builtin_config, load_config, resolve_path  # noqa: E402
@@ -133,13 +134,7 @@ def main() -> int:
         for epoch in range(args.rounds + 1):  # round 0 warms up (allocator, oneDNN)
             for setting in settings.values():
                 setting.round(epoch)
-    rows = [(name, max(s.makd[1:]), max(s.bare[1:])) for name, s in settings.items()]
-    print("| setting | makd images/s | bare loop images/s | makd / bare |")
-    print("|---|---|---|---|")
-    for name, makd, bare in rows:
-        print(f"| {name} | {makd:.1f} | {bare:.1f} | {makd / bare:.3f} |")
-    ratio = min(makd / bare for _, makd, bare in rows)
-    overhead = rows[0][1] / rows[1][1] - 1.0
+    ratio, overhead = print_throughput_table(settings, decimals=1)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"ratio_vs_bare={ratio:.3f} aspect_overhead={overhead:.3f} crops_per_s={crops_per_s:.1f}")
     return 0 if np.isfinite(ratio) else 1

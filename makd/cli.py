@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from makd import __version__
 from makd.errors import MakdError, os_error_message
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules inside its commands
+    from makd.config import Config
+    from makd.labels.show import SampleSource
 
 log = logging.getLogger("makd")
 
@@ -140,9 +145,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     config = _load(args)
     rank, world = args.shard or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    if config.task == "detection":  # one sample per ground-truth box crop, id <image id>/<annotation id>
-        from makd.detection.crops import label_boxes_from_config as label_from_config
-    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite)
+    samples_of = _samples_of(config)
+    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite, samples=samples_of)
     missing = store.missing_shards()
     print(f"label store {store.path}: {store.meta['num_samples']} samples x {store.num_questions} questions, "
           f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
@@ -151,8 +155,20 @@ def cmd_label(args: argparse.Namespace) -> int:
     if not missing:
         from makd.labels.show import label_report
 
-        print("\n".join(label_report(config, store)))
+        print("\n".join(label_report(config, store, samples_of)))
     return 0
+
+
+def _samples_of(config: Config) -> SampleSource:
+    """What a config labels: its images, or for `task: detection` one box crop per ground-truth box
+    (id <image id>/<annotation id>)."""
+    if config.task == "detection":
+        from makd.detection.crops import crops_to_label
+
+        return crops_to_label
+    from makd.labels import samples_to_label
+
+    return samples_to_label
 
 
 def cmd_labels_show(args: argparse.Namespace) -> int:
@@ -160,7 +176,7 @@ def cmd_labels_show(args: argparse.Namespace) -> int:
 
     config = _load(args) if args.config or args.overrides else None
     print("\n".join(show(args.path, config, images=args.images, per_side=args.answers, sample_ids=args.ids,
-                         plot=args.plot)))
+                         plot=args.plot, **({"samples_of": _samples_of(config)} if config else {}))))
     return 0
 
 

@@ -55,6 +55,22 @@ def make_question_set(classes: list[str], n: int = 4) -> QuestionSet:
     })
 
 
+def label_tiny_splits(root: Path, overrides: list[str], questions: int = 4) -> Path:
+    """`root/q.json` (`questions` questions) and `root/labels`, the PixelTeacher's store over the train and test
+    splits of the config that `overrides` make: what a test's runs train on."""
+    from makd.config import load_config
+    from makd.data import build_splits
+    from makd.data.base import ImageSplit
+    from makd.labels import label_split
+
+    splits = build_splits(load_config(overrides=overrides).data)
+    question_set_ = make_question_set(splits["train"].class_names, n=questions)
+    question_set_.save(root / "q.json")
+    label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), PixelTeacher(), question_set_, root / "labels",
+                shard_size=16, progress=False)
+    return root
+
+
 def question_set(texts: list[str], classes: list[str] | tuple[str, ...] = ("a", "b")) -> QuestionSet:
     """A question set with the given question texts (ids q0, q1, ...)."""
     return QuestionSet.model_validate({"classes": list(classes),

@@ -125,7 +125,7 @@ def test_coco_folder_label_train_evaluate_predict_export(coco_project):
     assert labels_.tolist() == expected["labels"].tolist()
 
     bad = makd("train", "-c", "config.yaml", "detection.train_annotations=missing.json", "out=runs/bad", cwd=root, check=False)
-    assert bad.returncode == 2 and bad.stderr.strip() == "makd: error: COCO annotations not found: missing.json"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"makd: error: COCO annotations not found: {root / 'missing.json'}"
 
 
 def test_two_processes_train_a_detector(coco_project, tmp_path):

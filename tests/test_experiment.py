@@ -8,17 +8,15 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import PixelTeacher, make_question_set
+from conftest import label_tiny_splits
 
 from makd.cli import main as cli_main
 from makd.config import load_config
-from makd.data import build_splits
-from makd.data.base import ImageSplit
 from makd.errors import MakdError
 from makd.experiment.grid import Grid
 from makd.experiment.report import write_report
 from makd.experiment.runner import DONE, TODO, finished, plan, run_grid
-from makd.labels import LabelStore, label_split
+from makd.labels import LabelStore
 from makd.report.compare import paired_difference
 
 TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
@@ -27,13 +25,7 @@ TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exp-labels")
-    splits = build_splits(load_config(overrides=TINY).data)
-    questions = make_question_set(splits["train"].class_names, n=4)
-    questions.save(root / "q.json")
-    label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), PixelTeacher(), questions, root / "labels",
-                shard_size=16, progress=False)
-    return root
+    return label_tiny_splits(tmp_path_factory.mktemp("exp-labels"), TINY)
 
 
 def grid_file(tmp_path, labelled, **extra) -> object:

@@ -41,7 +41,7 @@ QUESTIONS = ["Does the object have wheels?", "Is it worn on the feet?", "Does it
 YES, NO = ["Yes", "yes", " Yes", " yes"], ["No", "no", " No", " no"]
 # 50 questions of 2 to 17 words, from templates.
 SUBJECTS = ["wheels", "fur", "sleeves", "legs", "a handle", "laces", "a zipper", "buttons", "a hood", "pockets"]
-TEMPLATES = ["Does it have {s}?", "Does the object have {s}?", "Can you see {s} on the item in the image?",
+TEMPLATES = ["Does it have {s}?", "Would you say it has {s}?", "Can you see {s} on the item in the image?",
              "Is the object in this photo an item that has {s}, as most items of its kind do?", "{S}?"]
 MANY = [TEMPLATES[i % 5].format(s=SUBJECTS[i // 5], S=SUBJECTS[i // 5].capitalize()) for i in range(50)]
 

@@ -7,17 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import PixelTeacher, make_question_set
+from conftest import label_tiny_splits
 from safetensors.torch import load_file
 
 from makd.config import ModelConfig, load_config
-from makd.data import build_splits
-from makd.data.base import ImageSplit
 from makd.engine import train
 from makd.engine.seed_batch import SeedBatchTask, group_config, train_seeds
 from makd.engine.trainer import Trainer, lr_at
 from makd.errors import MakdError
-from makd.labels import label_split
 from makd.models import build_student
 from makd.models.stacked import stack_students
 
@@ -27,13 +24,7 @@ TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seed-batch-labels")
-    splits = build_splits(load_config(overrides=TINY).data)
-    questions = make_question_set(splits["train"].class_names, n=3)
-    questions.save(root / "q.json")
-    label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), PixelTeacher(), questions, root / "labels",
-                shard_size=16, progress=False)
-    return root
+    return label_tiny_splits(tmp_path_factory.mktemp("seed-batch-labels"), TINY, questions=3)
 
 
 def configs(root, labelled, seeds, extra=()):

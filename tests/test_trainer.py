@@ -4,17 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PixelTeacher, make_question_set
+from conftest import label_tiny_splits, make_question_set
 from safetensors.torch import load_file
 
 from makd.config import load_config
 from makd.data import build_splits
-from makd.data.base import ImageSplit
 from makd.engine import train
 from makd.engine.classification import permute_targets
 from makd.engine.trainer import Trainer, lr_at
 from makd.errors import MakdError
-from makd.labels import label_split
 from makd.models.student_file import load_student
 
 TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
@@ -24,14 +22,7 @@ TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """A question set file and a label store covering the tiny train and test splits."""
-    root = tmp_path_factory.mktemp("labelled")
-    config = load_config(overrides=TINY)
-    splits = build_splits(config.data)
-    questions = make_question_set(splits["train"].class_names, n=4)
-    questions.save(root / "q.json")
-    label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), PixelTeacher(), questions, root / "labels",
-                shard_size=16, progress=False)
-    return root
+    return label_tiny_splits(tmp_path_factory.mktemp("labelled"), TINY)
 
 
 def test_ce_run_writes_consistent_artifacts(tmp_path):

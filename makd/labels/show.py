@@ -9,8 +9,10 @@ sample's class) and question set (for the hand-written answers).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import expit
@@ -21,6 +23,10 @@ from makd.labels.job import samples_to_label
 from makd.labels.store import LabelStore
 from makd.questions import QuestionSet
 from makd.report.teacher import agreement_sentence, teacher_quality, weakness, wrong_way_questions
+
+if TYPE_CHECKING:
+    from makd.data.base import ImageSplit
+SampleSource = Callable[[Config], "ImageSplit"]  # what a config labels: its images, or box crops for detection
 
 log = logging.getLogger("makd.labels")
 
@@ -40,12 +46,12 @@ class Answers:
         return expit(self.logodds.astype(np.float64))
 
 
-def read_answers(store: LabelStore, config: Config | None = None) -> Answers:
+def read_answers(store: LabelStore, config: Config | None = None, samples_of: SampleSource = samples_to_label) -> Answers:
     """The store's rows; with a config, each sample's class from the data it describes (joined by sample id)."""
     ids, logodds, _ = store.read()
     targets = np.full(len(ids), -1, dtype=np.int64)
     if config is not None:
-        samples = samples_to_label(config)
+        samples = samples_of(config)
         index = dict(zip(samples.sample_ids, samples.targets))
         targets = np.array([index.get(i, -1) for i in ids], dtype=np.int64)
         if (targets < 0).all():
@@ -105,10 +111,11 @@ def agreement_lines(questions: QuestionSet, answers: Answers) -> list[str]:
 
 
 def show(store_path: str | Path, config: Config | None = None, images: int = 5, per_side: int = 3,
-         sample_ids: list[str] | None = None, plot: str | Path | None = None) -> list[str]:
+         sample_ids: list[str] | None = None, plot: str | Path | None = None,
+         samples_of: SampleSource = samples_to_label) -> list[str]:
     """The lines `makd labels show` prints (and the heatmap PNG when asked)."""
     store = LabelStore.open(store_path)
-    answers = read_answers(store, config)
+    answers = read_answers(store, config, samples_of)
     rows = _rows(answers, images, sample_ids)
     lines = [f"label store {store.path}: {len(answers.ids)} images x {len(answers.questions)} questions, teacher "
              f"{store.meta['teacher'].get('name', '?')}", "", *image_lines(answers, rows, per_side), ""]
@@ -137,12 +144,12 @@ def _questions_of(store: LabelStore, config: Config) -> QuestionSet | None:
     return questions if questions.hash == store.meta["question_set_hash"] else None
 
 
-def label_report(config: Config, store: LabelStore) -> list[str]:
+def label_report(config: Config, store: LabelStore, samples_of: SampleSource = samples_to_label) -> list[str]:
     """What `makd label` says when a store is complete: the teacher against the hand-written class answers."""
     questions = _questions_of(store, config)
     if questions is None or np.isnan(questions.reference_answers()).all():
         return []
-    return agreement_lines(questions, read_answers(store, config))
+    return agreement_lines(questions, read_answers(store, config, samples_of))
 
 
 def _rows(answers: Answers, images: int, sample_ids: list[str] | None) -> list[int]:
