@@ -132,6 +132,14 @@ def cmd_questions_select(args: argparse.Namespace) -> int:
 
 
 # -- label / train / evaluate / predict ------------------------------------------------------------
+def _positive(value: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {value!r}")
+    return number
+
+
 def _shard(value: str) -> tuple[int, int]:
     try:
         rank, world = (int(x) for x in value.split("/"))
@@ -196,7 +204,7 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     if config is None:
         return 0 if coverage.complete else 1
     print(f"against the samples of {', '.join(args.config or ['the default config'])} (labels.splits {config.labels.splits}):")
-    splits = split_coverage(config, coverage.sample_ids)
+    splits = split_coverage(config, coverage.sample_ids, None if config.task != "detection" else _samples_of(config))
     print("\n".join(s.report() for s in splits))
     covered = not any(s.missing for s in splits)
     return 0 if coverage.complete and covered else 1
@@ -216,13 +224,11 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
     from makd.labels.official import import_official
 
     config = _load(args)
-    samples = None
-    if config.task == "detection":  # keys are box sample ids <image id>/<annotation id>
-        from makd.detection.crops import crops_to_label as samples
+    samples = _samples_of(config) if config.task == "detection" else None  # keys: <image id>/<annotation id>
     store, imported, unmatched = import_official(config, args.file, args.output, overwrite=args.overwrite, samples=samples)
     print(f"label store {store.path}: {imported} samples imported from {args.file}"
           + (f"; {unmatched} keys matched no sample of labels.splits and were skipped" if unmatched else ""))
-    for split in split_coverage(config, store.check().sample_ids):
+    for split in split_coverage(config, store.check().sample_ids, samples):
         if split.missing:
             print(f"left without a row: {split.report()}")
     return 0
@@ -502,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "detection default (per-box aspects, COCO mAP; output in runs/demo-detection).",
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    de.add_argument("--seeds", type=int, help="paired seeds per method (default 8: what fits in ~13 minutes on 2 CPU cores; detection: 5)")
-    de.add_argument("--workers", type=int,
+    de.add_argument("--seeds", type=_positive, help="paired seeds per method (default 8: what fits in ~13 minutes on 2 CPU cores; detection: 5)")
+    de.add_argument("--workers", type=_positive,
                     help="runs trained at a time, in worker processes of one torch thread each (default 2; detection: "
-                         "1). On 2 CPU cores two 1-thread runs beat one 2-thread run by ~1.1x (benchmarks/cheap_seeds.py)")
+                         "1). On 2 CPU cores two 1-thread runs with a checkpoint every 10 epochs finish ~1.1x more runs "
+                         "per hour than one 2-thread run checkpointing every epoch (benchmarks/cheap_seeds.py)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     _print_config_arg(de)
     de.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
@@ -524,9 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the tables and plots from the cells finished so far; train nothing (e.g. while the grid "
                          "runs elsewhere)")
     ex.add_argument("--executor", choices=["local", "slurm"], help="where cells run (default: the grid's executor)")
-    ex.add_argument("--workers", type=int, help="local: worker processes (default: the grid's, 1)")
-    ex.add_argument("--threads", type=int, help="local: torch threads per worker (default: cores / workers)")
-    ex.add_argument("--batch-seeds", type=int, help="train up to this many seeds of a cell as one batched model")
+    ex.add_argument("--workers", type=_positive, help="local: worker processes (default: the grid's, 1)")
+    ex.add_argument("--threads", type=_positive, help="local: torch threads per worker (default: cores / workers)")
+    ex.add_argument("--batch-seeds", type=_positive, help="train up to this many seeds of a cell as one batched model")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex.set_defaults(func=cmd_experiment)
     return parser

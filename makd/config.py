@@ -91,9 +91,10 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
                                 "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
-    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs and after the last (a kill loses at most "
-                                  "N epochs; short runs save time with 10)")
-    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = per epoch)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs, after every validation and after the "
+                                  "last epoch (a kill loses at most N epochs; short runs save time with 10)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = only at the "
+                                        "epoch ends train.checkpoint_every says)")
     tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
     progress: bool = Field(True, description="progress bars")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")

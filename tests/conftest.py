@@ -48,6 +48,17 @@ class PixelTeacher:
         return AspectScores(logodds, mass)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Any:
+    """A run with `train.threads` sets torch's process-wide thread count: later tests must not inherit it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def make_question_set(classes: list[str], n: int = 4) -> QuestionSet:
     return QuestionSet.model_validate({
         "name": "tiny", "classes": classes,

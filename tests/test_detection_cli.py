@@ -80,10 +80,16 @@ def test_coco_folder_label_train_evaluate_predict_export(coco_project):
     done = {p.name: p.stat().st_mtime_ns for p in labels.glob("shard-*.parquet")}
     store = LabelStore.open(labels)
     assert 2 <= len(done) < store.num_shards, "the kill should land between the first and the last shard"
-    makd("label", "-c", "config.yaml", cwd=root)
+    finished = makd("label", "-c", "config.yaml", cwd=root)
     assert {n: (labels / n).stat().st_mtime_ns for n in done} == done  # finished shards were not recomputed
     assert "complete: every sample covered exactly once" in makd("labels", "check", "labels", cwd=root).stdout
     ids, logodds, _ = LabelStore.open(labels).read()
+    # The teacher report and the checks join the store's rows to the config's box crops (not to whole images).
+    assert f"({len(ids)} images)." in finished.stdout
+    checked = makd("labels", "check", "-c", "config.yaml", cwd=root).stdout
+    assert f"train+test: {len(ids)} of {len(ids)} samples have a row" in checked
+    shown = makd("labels", "show", "labels", "-c", "config.yaml", cwd=root).stdout
+    assert "per class: give the store's config" not in shown and shown.count("\n") > 10
     splits = build_detection_splits(load_config(root / "config.yaml"))
     train, test = splits["train"], splits["test"]
     assert ids == train.all_box_ids() + test.all_box_ids() and logodds.shape[1] == 40  # validation boxes are not labelled

@@ -157,3 +157,12 @@ def test_an_ablation_value_equal_to_the_default_reuses_the_methods_cell_and_the_
     assert lr["mean"] == pytest.approx(outcome.results["ce-lr0.2-s0"]["val_top1_best"] - outcome.results["ce-s0"]["val_top1_best"])
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert sorted(r["run"] for r in rows) == ["ce-lr0.2-s0", "ce-s0", "makd-alpha8-s0", "makd-s0"]
+
+
+def test_worker_processes_run_without_epoch_bars():
+    """Two workers' epoch bars would overwrite each other under the grid's bar: their jobs run quiet."""
+    from makd.experiment.executors import Job, quiet
+
+    job = Job(({"name": "ce-s0", "train": {"progress": True, "epochs": 3}},))
+    assert quiet(job).configs == ({"name": "ce-s0", "train": {"progress": False, "epochs": 3}},)
+    assert job.configs[0]["train"]["progress"] is True and quiet(job).names == ["ce-s0"]

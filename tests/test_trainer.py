@@ -111,9 +111,10 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
 
 
 def test_checkpoint_every_n_epochs_resumes_from_the_last_saved_epoch(tmp_path, labelled, monkeypatch):
-    """`train.checkpoint_every: 2` saves after epochs 2 and 3 (the last) only; a kill in epoch 3 loses that epoch,
-    and the re-run ends bit-identical to a run that checkpointed every epoch."""
-    common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}"]
+    """`train.checkpoint_every: 2` saves after epoch 2 and after validations (here the last epoch) only; a kill in
+    epoch 3 loses that epoch, and the re-run (with another checkpoint frequency, a change that may not alter
+    anything) ends bit-identical to a run that checkpointed every epoch."""
+    common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}", "train.eval_every=3"]
     train(load_config(overrides=common + [f"out={tmp_path / 'ref'}"]))
 
     config = load_config(overrides=common + [f"out={tmp_path / 'crash'}", "train.checkpoint_every=2"])
@@ -121,11 +122,16 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_saved_epoch(tmp_path, l
     state = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
     assert not (tmp_path / "crash" / "checkpoints" / "last.prev.pt").exists()  # epoch 1 was not saved
-    train(config)
-    a, b = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "crash" / "last.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    final = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert final["epoch"] == 3
+    train(load_config(overrides=common + [f"out={tmp_path / 'crash'}", "train.checkpoint_every=1"]))
+    for name in ("last", "best"):
+        a, b = load_file(tmp_path / "ref" / f"{name}.safetensors"), load_file(tmp_path / "crash" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run):  # everything but the throughput, which is timing
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in csv.DictReader((tmp_path / run / "metrics.csv").open())]
+
+    assert rows("crash") == rows("ref") and len(rows("ref")) == 3
+    assert torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]["epoch"] == 3
 
 
 def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, labelled, monkeypatch):

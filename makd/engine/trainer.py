@@ -273,14 +273,16 @@ class Trainer:
                   leave=False) as bar:
             for epoch in range(self.state.epoch, cfg.epochs):
                 row = self.run_epoch(epoch, bar)
-                if main and self.task.validates() and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                validates = self.task.validates() and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+                if main and validates:
                     self._validate_into(row, epoch, bar)
                 self.task.end_epoch(row)
                 self.state.history.append(row)
                 self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
                 if main:
                     runlog.log_row(row, self.state.history)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                # Also after every validation: best.safetensors and the state naming its epoch stay in step.
+                if validates or (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                     self.save_checkpoint()
                 bar.update(1)
         runlog.close()

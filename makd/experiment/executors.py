@@ -68,11 +68,17 @@ def run_local(jobs: Sequence[Job], executor: Executor, workdir: Path) -> Iterato
         for job in jobs:
             yield _guarded(job, lambda: run_job(job, threads))
         return
+    jobs = [quiet(job) for job in jobs]  # the grid's bar only: workers' epoch bars would overwrite each other
     # spawn: a forked torch with live OpenMP threads can deadlock.
     with ProcessPoolExecutor(executor.workers, mp_context=get_context("spawn")) as pool:
         futures: dict[Future, Job] = {pool.submit(_in_worker, job, threads): job for job in jobs}
         for future in as_completed(futures):
             yield _guarded(futures[future], future.result)
+
+
+def quiet(job: Job) -> Job:
+    """The job without per-epoch progress bars (a setting that changes nothing a run computes)."""
+    return Job(tuple({**c, "train": {**c.get("train", {}), "progress": False}} for c in job.configs))
 
 
 def _guarded(job: Job, compute: Callable[[], list[dict[str, Any]]]) -> Outcome:

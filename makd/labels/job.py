@@ -74,13 +74,16 @@ class SplitCoverage:
         return f"{line}; {len(self.missing)} missing ({shown}): {self.required}"
 
 
-def split_coverage(config: Config, stored_ids: pa.Array) -> list[SplitCoverage]:
+def split_coverage(config: Config, stored_ids: pa.Array,
+                   samples: Callable[[Config], ImageSplit] | None = None) -> list[SplitCoverage]:
     """Per split of labels.splits: the samples that the config trains on (every training sample: `makd train`
-    looks each one up) or evaluates on (those `makd label` would label) without a row among `stored_ids`."""
+    looks each one up) or evaluates on (those `makd label` would label) without a row among `stored_ids`.
+    With `samples` (e.g. detection's box crops), one entry for all the samples it makes."""
+    splits = {"+".join(config.labels.splits): samples(config)} if samples else samples_by_split(config, uncapped=("train",))
     coverage = []
-    for name, split in samples_by_split(config, uncapped=("train",)).items():
+    for name, split in splits.items():
         has_row = pc.is_in(pa.array(split.sample_ids, pa.string()), value_set=stored_ids).to_numpy(zero_copy_only=False)
-        required = ("`makd train` needs a row for every training sample" if name == "train"
+        required = ("`makd train` needs a row for every training sample" if name.startswith("train")
                     else f"the aspect agreement on {name} leaves them out")
         coverage.append(SplitCoverage(name, len(split), [split.sample_ids[i] for i in np.flatnonzero(~has_row)],
                                       f"{required}; run `makd label` with this config to label them"))

@@ -47,7 +47,7 @@ class PairedDifference:
     def verdict(self) -> str:
         """What the t interval says: better, worse, or within noise (the interval contains zero)."""
         if self.n < 2:
-            return "one seed: no interval"
+            return "no paired seeds" if self.n == 0 else "one seed: no interval"
         return "better" if self.low > 0 else "worse" if self.high < 0 else "within noise"
 
     def __str__(self) -> str:
@@ -73,8 +73,8 @@ def paired_difference(method: Sequence[float], baseline: Sequence[float], confid
     """Mean of per-seed differences with a Student-t and a paired-bootstrap interval."""
     d = np.asarray(method, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
     n = len(d)
-    if n < 2:
-        return PairedDifference(float(d.mean()), float("nan"), float("nan"), int((d > 0).sum()), n)
+    if n < 2:  # no interval (and no mean without a seed both ran)
+        return PairedDifference(float(d.mean()) if n else float("nan"), float("nan"), float("nan"), int((d > 0).sum()), n)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
     boot = bootstrap_interval(d, confidence)
     return PairedDifference(float(d.mean()), float(d.mean() - half), float(d.mean() + half), int((d > 0).sum()), n,
