@@ -150,3 +150,22 @@ def test_two_processes_train_a_detector(coco_project, tmp_path):
     rows = list(csv.DictReader((tmp_path / "two" / "metrics.csv").open()))
     assert len(rows) == 2 and all(float(r["loss_aspect"]) > 0 and np.isfinite(float(r["loss"])) for r in rows)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["test_map_best"] >= 0
+
+
+def test_demo_detection_small(tmp_path):
+    """`makd demo detection` end to end on a shrunken setting: the table, the report and the per-seed runs."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "makd", "demo", "detection", "--out", str(out), "--seeds", "2",
+                           "--no-progress", "detection.canvases.train=12", "detection.canvases.val=6",
+                           "detection.canvases.test=12", "labels.max_per_class.test=2", "train.epochs=1",
+                           "train.eval_every=1"], capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| MaKD | 2 |" in proc.stdout and "report:" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]["map"]) == {"CE", "MaKD", "permuted"}
+    per_seed = [json.loads((out / "runs" / f"makd-s{s}" / "results.json").read_text())["test_map50_best"] for s in (0, 1)]
+    assert summary["methods"]["map50"]["MaKD"]["best"]["per_seed"] == per_seed
+    for png in ("map.png", "predictions.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG"
+    assert "| permuted |" in (out / "comparison" / "tables.md").read_text()
