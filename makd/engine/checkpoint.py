@@ -29,12 +29,18 @@ def previous_state_path(path: Path) -> Path:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write `path` atomically, keeping the file it replaces as the previous state (a kill between the two
-    renames leaves the previous state only, which `load_newest_state` then takes)."""
+    """Write `path` atomically, keeping the file it replaces as the previous state. The previous state is a hard
+    link to the current file, so `path` exists at every moment (a kill between two renames used to leave only the
+    previous state); where hard links are not supported, a rename does it (`load_newest_state` copes with both)."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
         if path.exists():
-            os.replace(path, previous_state_path(path))
+            previous = previous_state_path(path)
+            previous.unlink(missing_ok=True)
+            try:
+                os.link(path, previous)
+            except OSError:
+                os.replace(path, previous)
 
 
 def load_newest_state(path: Path) -> dict[str, Any] | None:
