@@ -29,6 +29,7 @@ from makd.experiment.report import write_report
 from makd.experiment.runner import DONE, finished, plan, run_grid
 from makd.labels import label_from_config
 from makd.questions import QuestionSet
+from makd.report.compare import CONFIDENCE, paired_difference
 from makd.report.teacher import teacher_quality
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,38 @@ def verdicts(summaries: dict[str, dict[str, Any]]) -> list[str]:
                              f"[{d['low']:+.2f}, {d['high']:+.2f}] ({d['wins']}/{d['n']} seeds better) — "
                              f"**{d['verdict']}**; last epoch {last['mean']:+.2f} [{last['low']:+.2f}, "
                              f"{last['high']:+.2f}] — {last['verdict']}.")
+    return lines
+
+
+def ablation_family(summary: dict[str, Any]) -> list[str]:
+    """The ablation cells as one family of comparisons against CE: each one's 95 % interval, and the Bonferroni
+    intervals that keep the chance of any false "better" in the family at 5 % (one cell in twenty looks better
+    by luck at 95 %)."""
+    cells: dict[str, dict[str, Any]] = {}
+    for variant in summary["variants"].values():
+        reference = variant["methods"].get(summary["reference"])
+        for axis, methods in variant.get("ablations", {}).items():
+            for method, values in methods.items():
+                for value, entry in values.items():
+                    # The default value's cell is one run set under every axis: count it once.
+                    key = json.dumps(entry["best"]["per_seed"])
+                    cells.setdefault(key, {"label": f"{method}, {axis} = {value}", "entry": entry, "reference": reference})
+    if not cells or any(c["reference"] is None for c in cells.values()):
+        return []
+    level = 1 - (1 - CONFIDENCE) / len(cells)
+    lines = [f"The {len(cells)} ablation cells are one family of comparisons against {summary['reference']}: at 95 % "
+             f"each, about {len(cells) * (1 - CONFIDENCE):.1f} of them would look better or worse by chance alone. "
+             f"Bonferroni intervals ({100 * level:.2f} % each, 95 % for the family):", "",
+             "| cell | Δ [95 % t CI] | Δ [family-wise CI] | family-wise verdict |", "|---|---|---|---|"]
+    for cell in cells.values():
+        entry, reference = cell["entry"], cell["reference"]
+        theirs = dict(zip(reference["seeds"], reference["best"]["per_seed"]))
+        seeds = [s for s in entry["seeds"] if s in theirs]
+        mine = dict(zip(entry["seeds"], entry["best"]["per_seed"]))
+        wide = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds], confidence=level)
+        d = entry["best"]["difference"]
+        lines.append(f"| {cell['label']} | {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | "
+                     f"{wide.mean:+.2f} [{wide.low:+.2f}, {wide.high:+.2f}] | {wide.verdict} |")
     return lines
 
 
@@ -188,6 +221,7 @@ def render(sections: dict[str, list[str]], summaries: dict[str, dict[str, Any]],
         "## 3. Ablations (10 paired seeds): the number of questions Q and the aspect weight alpha", "",
         "Its CE and MaKD (Q = 40, alpha = 4) cells are the main grid's first 10 seeds: compare that row with the main "
         "comparison's to see how much 10 seeds move the estimate.", "",
+        *(ablation_family(summaries["ablations"]) if "ablations" in summaries else []), "",
         *sections["ablations"], "",
         "## 4. A second regime: 10 training images per class", "", *sections["regime"], "",
         "## 5. The teacher: what limits the method here", "", *teacher, "",
