@@ -2,13 +2,15 @@
 
 Arms, each training the same runs into fresh folders, alternating round by round so that load on a shared
 machine hits them alike:
-- `sequential`: the way before — one run after another, torch's default threads, float32, a checkpoint per epoch;
+- `sequential`: the way before — one run after another, torch's default threads, float32, NCHW, a checkpoint per
+  epoch, 256 images per evaluation batch;
 - `stacked`: the seeds as one stacked model (`executor.batch_seeds`, makd/models/stacked.py), float32;
 - `workers`: two worker processes with one torch thread each (`executor.workers: 2, threads: 1`);
 - `bf16`: one run after another with bfloat16 autocast (`train.amp: bf16`; test accuracy still in float32). Faster,
   but it costs CE about one point of validation accuracy on this setting (configs/evidence/recipe-search.yaml), so
   neither the demo nor the evidence use it;
-- `demo`: what `makd demo` and the evidence grids do: two 1-thread workers, float32, a checkpoint every 10 epochs.
+- `demo`: what `makd demo` and the evidence grids do: two 1-thread workers, float32, channels-last (NHWC), a
+  checkpoint every 10 epochs, 128 images per evaluation batch (makd/configs/demo.yaml).
 Last line: `runs_per_hour_vs_sequential=<x>` of the `demo` arm.
 """
 
@@ -33,7 +35,9 @@ from makd.labels import label_split
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 
-FP32, BF16 = ["train.amp='off'", "train.checkpoint_every=1"], ["train.amp=bf16", "train.checkpoint_every=1"]
+# What runs did before this benchmark's changes: NCHW, a checkpoint every epoch, 256 images per evaluation batch.
+BEFORE = ["train.channels_last=false", "train.checkpoint_every=1", "train.eval_batch_size=256"]
+FP32, BF16 = ["train.amp='off'", *BEFORE], ["train.amp=bf16", *BEFORE]
 ARMS = {"sequential": (FP32, Executor(workers=1)), "stacked": (FP32, Executor(workers=1, batch_seeds=99)),
         "workers": (FP32, Executor(workers=2, threads=1)), "bf16": (BF16, Executor(workers=1)),
         "demo": (["train.amp='off'", "train.checkpoint_every=10"], Executor(workers=2, threads=1))}

