@@ -338,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(demo_config(Path(args.out), args.overrides)), end="")
         return 0
-    run_demo(Path(args.out), seeds=args.seeds or (5 if detection else 10), overrides=args.overrides,
+    run_demo(Path(args.out), seeds=args.seeds or (5 if detection else 12), overrides=args.overrides,
              progress=not args.no_progress, workers=args.workers or (1 if detection else 2))
     return 0
 
@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "detection default (per-box aspects, COCO mAP; output in runs/demo-detection).",
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    de.add_argument("--seeds", type=_positive, help="paired seeds per method (default 10: ~12 minutes on 2 CPU cores; detection: 5)")
+    de.add_argument("--seeds", type=_positive, help="paired seeds per method (default 12: ~12 minutes on 2 CPU cores; detection: 5)")
     de.add_argument("--workers", type=_positive,
                     help="runs trained at a time, in worker processes of one torch thread each (default 2; detection: "
                          "1). On 2 CPU cores two 1-thread runs with a checkpoint every 10 epochs finish ~1.1x more runs "

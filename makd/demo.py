@@ -100,7 +100,7 @@ def gallery(config: Config, out: Path, path: Path, count: int = 8) -> None:
     plots.prediction_gallery([np.asarray(subset.image(i)) for i in range(len(subset))], captions, path)
 
 
-def run_demo(out: Path, seeds: int = 10, overrides: list[str] | None = None, progress: bool = True,
+def run_demo(out: Path, seeds: int = 12, overrides: list[str] | None = None, progress: bool = True,
              workers: int = 2) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(out, list(overrides or []) + ([] if progress else ["train.progress=false"]))
