@@ -112,8 +112,8 @@ def verdicts(summaries: dict[str, dict[str, Any]]) -> list[str]:
 
 def ablation_family(summary: dict[str, Any]) -> list[str]:
     """The ablation cells as one family of comparisons against CE: each one's 95 % interval, and the Bonferroni
-    intervals that keep the chance of any false "better" in the family at 5 % (one cell in twenty looks better
-    by luck at 95 %)."""
+    intervals that keep the chance of any false verdict in the family at 5 % (at 95 % each, one cell in twenty
+    looks better or worse by luck)."""
     cells: dict[str, dict[str, Any]] = {}
     for variant in summary["variants"].values():
         reference = variant["methods"].get(summary["reference"])
