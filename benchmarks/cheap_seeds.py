@@ -1,23 +1,37 @@
-"""Cheaper seeds: the same small runs (the demo's setting, a few seeds) trained five ways, in one process tree.
+"""Cheaper seeds: the same small runs (the demo's setting, a few seeds) trained several ways, in one process tree.
 
 Arms, each training the same runs into fresh folders, alternating round by round so that load on a shared
 machine hits them alike:
-- `sequential`: the way before — one run after another, torch's default threads, float32, NCHW, a checkpoint per
-  epoch, 256 images per evaluation batch;
+- `sequential`: the way before, in today's code — one run after another, torch's default threads, float32, NCHW, a
+  checkpoint per epoch, 256 images per evaluation batch, glibc giving freed memory back at every free. It shares the
+  speed-ups of the code itself (augmentation fetched per batch, batch norms folded when testing), so against it
+  only what the settings add counts;
+- `issue`: the runs as makd trained them when the cheaper-seeds issue was filed: the code of commit 5a763cf (taken
+  from this repository's history with `git archive`; needs a full clone), its demo recipe, one run after another in
+  one process with torch's default threads. A check that `sequential` stands for "today's sequential runs" then;
 - `stacked`: the seeds as one stacked model (`executor.batch_seeds`, makd/models/stacked.py), float32;
 - `workers`: two worker processes with one torch thread each (`executor.workers: 2, threads: 1`);
 - `bf16`: one run after another with bfloat16 autocast (`train.amp: bf16`; test accuracy still in float32). Faster,
   but it costs CE about one point of validation accuracy on this setting (configs/evidence/recipe-search.yaml), so
   neither the demo nor the evidence use it;
 - `demo`: what `makd demo` and the evidence grids do: two 1-thread workers, float32, channels-last (NHWC), a
-  checkpoint every 10 epochs, 128 images per evaluation batch (makd/configs/demo.yaml).
-Last line: `runs_per_hour_vs_sequential=<x>` of the `demo` arm.
+  checkpoint every 10 epochs, 128 images per evaluation batch (makd/configs/demo.yaml), freed memory kept for reuse
+  (`train.keep_freed_memory`, the default: makd/engine/host_memory.py).
+Every arm trains the same work: 120 epochs of a ResNet-8 on 200 images with 40 aspect targets, 6 validations of
+1,000 images, the best and last students tested on 10,000. Each arm runs in a fresh process (a run's speed depends
+on what the process's allocator went through before), timed there after its imports; the `workers` and `demo` arms
+start their worker processes inside the timing, a cost they really have.
+Last line: `runs_per_hour_vs_sequential=<x>` of the `demo` arm (with the `issue` arm, the line before it gives
+`runs_per_hour_vs_issue_code=<x>`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +49,52 @@ from makd.labels import label_split
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 
-# What runs did before this benchmark's changes: NCHW, a checkpoint every epoch, 256 images per evaluation batch.
-BEFORE = ["train.channels_last=false", "train.checkpoint_every=1", "train.eval_batch_size=256"]
+# What runs did before: NCHW, a checkpoint every epoch, 256 images per evaluation batch, freed memory unmapped.
+BEFORE = ["train.channels_last=false", "train.checkpoint_every=1", "train.eval_batch_size=256", "train.keep_freed_memory=false"]
 FP32, BF16 = ["train.amp='off'", *BEFORE], ["train.amp=bf16", *BEFORE]
 ARMS = {"sequential": (FP32, Executor(workers=1)), "stacked": (FP32, Executor(workers=1, batch_seeds=99)),
         "workers": (FP32, Executor(workers=2, threads=1)), "bf16": (BF16, Executor(workers=1)),
         "demo": (["train.amp='off'", "train.checkpoint_every=10"], Executor(workers=2, threads=1))}
 HEADLINE = "demo"
+ISSUE_COMMIT = "5a763cf"  # makd when the issue was filed: "a 120-epoch ResNet-8 run on 200 images takes 30-50 s here"
+ISSUE_ARM = "issue"
+# Runs makd as it was, in a child process (its package first on the path): the runs one after another, timed here.
+ISSUE_DRIVER = """
+import json, sys, time
+from makd.config import builtin_config, load_config
+from makd.engine import train
+runs = json.loads(sys.argv[1])
+configs = [load_config(base=builtin_config("demo"), overrides=overrides) for overrides in runs]
+start = time.perf_counter()
+for config in configs:
+    train(config)
+print(time.perf_counter() - start)
+"""
+
+
+def issue_code(dest: Path) -> Path:
+    """The makd package of ISSUE_COMMIT, unpacked from this repository's history into `dest`."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ISSUE_COMMIT, "makd"], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"arm {ISSUE_ARM}: commit {ISSUE_COMMIT} is not in {repo}'s history "
+                         f"({archive.stderr.decode().strip()}); run from a full clone, or leave the arm out")
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def run_in_child(arm: str, runs: list[list[str]], workdir: Path, issue_code: Path | None) -> float:
+    """Seconds `arm` takes for `runs` (override lists on the demo recipe), timed in a fresh process: a run's speed
+    depends on the state of the process's allocator (makd/engine/host_memory.py), so no arm inherits this one's."""
+    if arm == ISSUE_ARM:
+        command, env = [sys.executable, "-c", ISSUE_DRIVER, json.dumps(runs)], {**os.environ, "PYTHONPATH": str(issue_code)}
+    else:
+        command, env = [sys.executable, __file__, "--child", arm, json.dumps(runs), str(workdir)], None
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"arm {arm}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 class SyntheticTeacher:
@@ -77,10 +130,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=4, help="runs per arm and round (default 4)")
     parser.add_argument("--epochs", type=int, default=120, help="epochs per run (default 120, as in the demo)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every arm (default 1)")
-    parser.add_argument("--arms", nargs="+", default=["sequential", "bf16", HEADLINE], choices=list(ARMS),
-                        help="arms to run (default: sequential, bf16, demo)")
+    parser.add_argument("--arms", nargs="+", default=["sequential", HEADLINE], choices=[*ARMS, ISSUE_ARM],
+                        help="arms to run (default: sequential, demo)")
+    parser.add_argument("--child", nargs=3, metavar=("ARM", "RUNS", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     base = builtin_config("demo")
+    if args.child:  # one arm's runs, in the fresh process run_in_child started
+        arm, runs, workdir = args.child
+        print(run_arm(arm, [load_config(base=base, overrides=run + ARMS[arm][0]) for run in json.loads(runs)], Path(workdir)))
+        return 0
     print(f"# cheap_seeds: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} default threads, {args.seeds} runs x {args.epochs} epochs per arm, "
           f"{args.rounds} round(s)", flush=True)
@@ -93,11 +151,12 @@ def main() -> int:
         splits = build_splits(config.data)
         label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), SyntheticTeacher(),
                     QuestionSet.load(resolve_path(config.questions)), root / "labels", shard_size=20000, progress=False)
+        code = issue_code(root / "issue-code") if ISSUE_ARM in args.arms else None
         for r in range(args.rounds):
             for arm in args.arms:
-                runs = [load_config(base=base, overrides=common + ARMS[arm][0] + [
-                    f"out={root / arm / f'r{r}-s{s}'}", f"name=r{r}-s{s}", f"train.seed={s}"]) for s in range(args.seeds)]
-                seconds = run_arm(arm, runs, root / arm)
+                runs = [common + [f"out={root / arm / f'r{r}-s{s}'}", f"name=r{r}-s{s}", f"train.seed={s}"]
+                        for s in range(args.seeds)]
+                seconds = run_in_child(arm, runs, root / arm, code)
                 times[arm] += seconds
                 print(f"round {r}: {arm} {seconds:.1f} s for {args.seeds} runs", flush=True)
     runs = args.rounds * args.seeds
@@ -106,7 +165,9 @@ def main() -> int:
     for arm, total in times.items():
         print(f"| {arm} | {total / runs:.1f} | {3600 * runs / total:.0f} | "
               f"{times.get('sequential', total) / total:.2f} |")
-    if "sequential" in times and HEADLINE in times:
+    if HEADLINE in times and ISSUE_ARM in times:
+        print(f"runs_per_hour_vs_issue_code={times[ISSUE_ARM] / times[HEADLINE]:.2f}")
+    if HEADLINE in times and "sequential" in times:
         print(f"runs_per_hour_vs_sequential={times['sequential'] / times[HEADLINE]:.2f}")
     return 0
 

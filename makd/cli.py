@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--workers", type=_positive,
                     help="runs trained at a time, in worker processes of one torch thread each (default 2; detection: "
                          "1). On 2 CPU cores two 1-thread runs finish ~1.1-1.2x more runs per hour than one 2-thread "
-                         "run; with the demo recipe's layout and batches, 1.7x the runs of before "
+                         "run; with the demo recipe's settings, ~1.5-1.6x the runs of before "
                          "(benchmarks/cheap_seeds.py)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     _print_config_arg(de)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from makd.config import DataConfig
 from makd.data import build_splits
+from makd.data.base import ImageSplit
 from makd.data.fashion_mnist import read_idx
 from makd.data.imagefolder import load_imagefolder
 from makd.data.transforms import SplitDataset, build_transform, input_spec
@@ -112,3 +113,50 @@ def test_train_complement_leaves_out_the_few_shot_subset_and_validation():
     assert rest["val"].sample_ids == few["val"].sample_ids and rest["test"].sample_ids == few["test"].sample_ids
     assert len(rest["train"]) == 60000 - 30 - 20
     assert not set(rest["train"].sample_ids) & (set(few["train"].sample_ids) | set(few["val"].sample_ids))
+
+
+def _pad_crop_flip_one_image(img: torch.Tensor, p: int) -> torch.Tensor:
+    """The augmentation written out for one image, as makd did it image by image (the reference)."""
+    h, w = img.shape[-2:]
+    dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+    out = torch.nn.functional.pad(img, (p, p, p, p))[..., dy:dy + h, dx:dx + w]
+    return out.flip(-1) if torch.rand(()) < 0.5 else out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_fetch_equals_image_by_image_augmentation(channels):
+    """A DataLoader batch of an in-memory split is gathered and augmented as one tensor; it must be the batch the
+    image-by-image pipeline gives under the same random state (same draws, same order), bit for bit."""
+    rng = np.random.default_rng(0)
+    shape = (40, 12, 10) if channels == 1 else (40, 12, 10, 3)
+    split = ImageSplit("train", [f"train/{i}" for i in range(40)], rng.integers(0, 4, 40), [str(c) for c in range(4)],
+                       array=rng.integers(0, 256, shape, dtype=np.uint8))
+    spec = input_spec(split, None)
+    dataset = SplitDataset(split, build_transform(spec, train=True, crop_padding=3), spec)
+    assert dataset.batched
+    rows = [7, 3, 3, 39, 0, 21]
+    torch.manual_seed(5)
+    images, targets, indices = torch.utils.data.default_collate(dataset.__getitems__(rows))
+    torch.manual_seed(5)
+    for k, i in enumerate(rows):
+        one = torch.from_numpy(split.array[i])
+        one = one.unsqueeze(0) if channels == 1 else one.permute(2, 0, 1)
+        assert torch.equal(images[k], _pad_crop_flip_one_image(one, 3).float() / 255), f"image {k}"
+    assert targets.tolist() == split.targets[rows].tolist() and indices.tolist() == rows
+    torch.manual_seed(5)
+    dataset.__getitems__(rows)
+    after_batch = torch.rand(())
+    torch.manual_seed(5)
+    for i in rows:
+        dataset[i]
+    assert torch.equal(after_batch, torch.rand(())), "the batch must consume the generator as the images one by one"
+
+
+def test_file_splits_and_random_resized_crops_are_fetched_image_by_image(tiny_imagefolder):
+    train = build_splits(DataConfig(dataset="imagefolder", root=str(tiny_imagefolder), train_per_class=4, val_per_class=2,
+                                    image_size=32))["train"]
+    spec = input_spec(train, 32)
+    dataset = SplitDataset(train, build_transform(spec, train=True), spec)
+    assert not dataset.batched  # files are decoded one by one; RandomResizedCrop draws one crop per call
+    images, _, _ = torch.utils.data.default_collate(dataset.__getitems__([0, 1, 2]))
+    assert images.shape == (3, train.channels, 32, 32)

@@ -5,7 +5,7 @@ from torch import nn
 
 from makd.data.base import ImageSplit
 from makd.data.transforms import InputSpec
-from makd.evaluate import aspect_agreement, predict, topk_accuracy
+from makd.evaluate import aspect_agreement, fold_batch_norms, predict, topk_accuracy
 from makd.models import Student
 
 
@@ -83,3 +83,38 @@ def test_aspect_auroc_against_pairwise_definition_and_constant_questions():
     agreement = aspect_agreement(scores, teacher)
     assert agreement.summary["auroc_questions"] == 2
     assert agreement.summary["mean_auroc"] == pytest.approx(auc[:2].mean())
+
+
+class ValueDependentBranch(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return (y if y.sum() > 0 else -y).mean(dim=(2, 3))
+
+
+def test_testing_folds_batch_norms_without_changing_predictions():
+    from makd.config import ModelConfig
+    from makd.models import build_student
+
+    torch.manual_seed(0)
+    model = build_student(ModelConfig(name="resnet8", width=8), 1, 3, 2, (0.3,), (0.2,))
+    with torch.no_grad():  # batch-norm statistics and affine parameters far from their initial 0/1
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(), m.running_var.uniform_(0.3, 3), m.weight.normal_(), m.bias.normal_()
+    model.eval()
+    folded = fold_batch_norms(model)
+    assert folded is not model and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 9  # the model itself is left as it was
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    untraceable = ValueDependentBranch().eval()
+    assert fold_batch_norms(untraceable) is untraceable

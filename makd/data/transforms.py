@@ -51,21 +51,36 @@ class PadCropFlip(torch.nn.Module):
 
     Same result as v2.RandomCrop(padding) + v2.RandomHorizontalFlip, with a few tensor ops instead of the
     v2 dispatch machinery (~30 vs ~250 µs per 28 px image), which matters when the model step is ~1 ms/image.
+    Takes one image [C, H, W] or a batch [B, C, H, W]: a batch draws each image's offsets and flip in turn, the
+    draws of one image after another, then crops them all in one gather.
     """
+
+    per_image_batches = True
 
     def __init__(self, padding: int) -> None:
         super().__init__()
         self.padding = padding
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        h, w, p = img.shape[-2], img.shape[-1], self.padding
-        dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
-        out = torch.nn.functional.pad(img, (p, p, p, p))[..., dy : dy + h, dx : dx + w]
-        return out.flip(-1) if torch.rand(()) < 0.5 else out
+        batch = img.unsqueeze(0) if img.ndim == 3 else img
+        (n, _, h, w), p = batch.shape, self.padding
+        offsets, flips = [], []
+        for _ in range(n):
+            offsets.append(torch.randint(0, 2 * p + 1, (2,)))
+            flips.append(torch.rand(()) < 0.5)
+        dy, dx = torch.stack(offsets).unbind(1)
+        ys = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        columns = torch.arange(w).expand(n, w)
+        xs = (dx[:, None] + torch.where(torch.stack(flips)[:, None], w - 1 - columns, columns))[:, None, None, :]
+        padded = torch.nn.functional.pad(batch, (p, p, p, p))
+        out = padded[torch.arange(n)[:, None, None, None], torch.arange(batch.shape[1])[None, :, None, None], ys, xs]
+        return out[0] if img.ndim == 3 else out
 
 
 class ToFloat(torch.nn.Module):
     """uint8 [0, 255] -> float32 [0, 1] (what v2.ToDtype(scale=True) does, minus its dispatch cost)."""
+
+    per_image_batches = True
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return img.to(torch.float32).div_(255.0)
@@ -73,6 +88,8 @@ class ToFloat(torch.nn.Module):
 
 class FitSize(torch.nn.Module):
     """Resize only images that do not already have the model's size (foreign images at predict time)."""
+
+    per_image_batches = True  # a batch of an array dataset has one size: every image is resized alike
 
     def __init__(self, size: tuple[int, int]) -> None:
         super().__init__()
@@ -113,18 +130,40 @@ def to_model_mode(img: Image.Image, spec: InputSpec) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
+def transforms_batches(transform: torch.nn.Module) -> bool:
+    """Whether `transform` takes a batch and treats each image as if alone (random draws in image order)."""
+    steps = list(transform) if isinstance(transform, torch.nn.Sequential) else [transform]
+    return all(getattr(step, "per_image_batches", False) for step in steps)
+
+
 class SplitDataset(Dataset):
-    """(image tensor, class index, row index); the row index joins the batch to per-sample teacher targets."""
+    """(image tensor, class index, row index); the row index joins the batch to per-sample teacher targets.
+
+    A DataLoader fetches a batch of an in-memory split in one call (`__getitems__`): the images are gathered and
+    transformed as one tensor (~0.75 instead of ~2.8 ms for 32 Fashion-MNIST images), with the same result and the
+    same random draws as image by image.
+    """
 
     def __init__(self, split: ImageSplit, transform: torch.nn.Module, spec: InputSpec) -> None:
         self.split, self.transform, self.spec = split, transform, spec
+        self.batched = split.array is not None and transforms_batches(transform)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        img = self.split.array[i] if self.split.array is not None else to_model_mode(self.split.image(i), self.spec)
-        return self.transform(image_tensor(img)), int(self.split.targets[i]), i
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        targets = self.split.targets[indices].tolist()
+        if self.batched:
+            images = torch.from_numpy(self.split.array[indices])  # fancy indexing copies the rows
+            images = self.transform(images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2))
+            return list(zip(images.unbind(0), targets, indices))
+        return [(self.transform(image_tensor(self._image(i))), y, i) for i, y in zip(indices, targets)]
+
+    def _image(self, i: int) -> Image.Image | np.ndarray:
+        return self.split.array[i] if self.split.array is not None else to_model_mode(self.split.image(i), self.spec)
 
 
 def channel_stats(split: ImageSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -25,6 +25,7 @@ from makd.atomic import read_json, remove_stale_temporaries, write_json
 from makd.config import Config, load_config, save_config, to_dict
 from makd.engine import distributed
 from makd.engine.checkpoint import load_newest_state, rng_states, save_state, set_rng_states
+from makd.engine.host_memory import keep_freed_memory
 from makd.engine.runlog import RunLog
 from makd.engine.tasks import TASKS, Task, autocast
 from makd.errors import MakdError
@@ -74,10 +75,11 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
 # Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it), or
 # only in float rounding: threads, the memory layout, and the evaluation batch size (batch norm is per image when
-# evaluating). A run resumed with another of these continues the same computation in another summation order.
+# evaluating); how the C allocator keeps freed memory changes nothing computed. A run resumed with another of these
+# continues the same computation in another summation order.
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
                      "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
-                     "train.eval_batch_size", "train.channels_last"}
+                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -118,6 +120,8 @@ class Trainer:
         self.device = distributed.init(self.dist, resolve_device(cfg.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         if cfg.batch_size % (self.dist.world_size * cfg.accumulation_steps):
             raise MakdError(f"train.batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes x "
                             f"train.accumulation_steps {cfg.accumulation_steps}")
