@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "detection default (per-box aspects, COCO mAP; output in runs/demo-detection).",
                         formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    de.add_argument("--seeds", type=_positive, help="paired seeds per method (default 12: ~10 minutes on 2 CPU cores; detection: 5)")
+    de.add_argument("--seeds", type=_positive, help="paired seeds per method (default 12: ~9 minutes on 2 CPU cores; detection: 5)")
     de.add_argument("--workers", type=_positive,
                     help="runs trained at a time, in worker processes of one torch thread each (default 2; detection: "
                          "1). On 2 CPU cores two 1-thread runs finish ~1.1-1.2x more runs per hour than one 2-thread "
