@@ -28,11 +28,13 @@ Last line: `runs_per_hour_vs_sequential=<x>` of the `demo` arm (with the `issue`
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -79,16 +81,17 @@ def issue_code(dest: Path) -> Path:
     if archive.returncode:
         raise SystemExit(f"arm {ISSUE_ARM}: commit {ISSUE_COMMIT} is not in {repo}'s history "
                          f"({archive.stderr.decode().strip()}); run from a full clone, or leave the arm out")
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
     return dest
 
 
-def run_in_child(arm: str, runs: list[list[str]], workdir: Path, issue_code: Path | None) -> float:
-    """Seconds `arm` takes for `runs` (override lists on the demo recipe), timed in a fresh process: a run's speed
-    depends on the state of the process's allocator (makd/engine/host_memory.py), so no arm inherits this one's."""
+def run_in_child(arm: str, runs: list[list[str]], workdir: Path, code: Path | None) -> float:
+    """Seconds `arm` takes for `runs` (override lists on the demo recipe), timed in a fresh process (the `issue` arm
+    with makd's package of then, `code`, first on the path): a run's speed depends on the state of the process's
+    allocator (makd/engine/host_memory.py), so no arm inherits this one's."""
     if arm == ISSUE_ARM:
-        command, env = [sys.executable, "-c", ISSUE_DRIVER, json.dumps(runs)], {**os.environ, "PYTHONPATH": str(issue_code)}
+        command, env = [sys.executable, "-c", ISSUE_DRIVER, json.dumps(runs)], {**os.environ, "PYTHONPATH": str(code)}
     else:
         command, env = [sys.executable, __file__, "--child", arm, json.dumps(runs), str(workdir)], None
     done = subprocess.run(command, env=env, capture_output=True, text=True)
