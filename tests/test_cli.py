@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from support.data_packages import foolbox_photos
 
 from makd.config import resolve_path
 from makd.labels import LabelStore
@@ -55,8 +57,32 @@ def project(tmp_path_factory, tiny_imagefolder):
     return root
 
 
-def test_label_train_evaluate_predict(project, tiny_imagefolder):
+@pytest.fixture(scope="module")
+def trained(project) -> Path:
+    """The project labelled and trained through the CLI (seed 1): its run folder."""
     makd("label", "-c", "config.yaml", cwd=project)
+    makd("train", "-c", "config.yaml", "train.seed=1", cwd=project)
+    return project / "runs" / "tiny"
+
+
+def model_predictions(student: Path, images: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Classes, their softmax probabilities and the aspect P(yes) of the student on `images`, computed in this process
+    through the evaluation pipeline (an ImageFolder-like split, the evaluation transform), not through `predict`."""
+    from makd.data.base import ImageSplit
+    from makd.data.transforms import InputSpec
+    from makd.evaluate import predict
+    from makd.models import load_student
+
+    model, meta = load_student(student)
+    split = ImageSplit("given", images, np.zeros(len(images)), meta["classes"], paths=[Path(p) for p in images])
+    out = predict(model, split, InputSpec(**meta["input"]))
+    logits = torch.from_numpy(out.class_logits).double()
+    probs = torch.softmax(logits, dim=1).numpy()
+    return [meta["classes"][k] for k in probs.argmax(axis=1)], probs.max(axis=1), torch.sigmoid(
+        torch.from_numpy(out.aspect_logits).double()).numpy()
+
+
+def test_label_train_evaluate_predict(project, trained, tiny_imagefolder):
     store = LabelStore.open(project / "labels")
     ids, logodds, mass = store.read()
     assert len(ids) == 12 + 9 and store.num_shards == 5 and len(set(ids)) == len(ids)
@@ -68,8 +94,7 @@ def test_label_train_evaluate_predict(project, tiny_imagefolder):
     feet = logodds[:, 0]
     assert feet[[i for i, s in enumerate(ids) if "/Sandal/" in s]].mean() > feet[[i for i, s in enumerate(ids) if "/T-shirt_top/" in s]].mean()
 
-    makd("train", "-c", "config.yaml", "train.seed=1", cwd=project)
-    run = project / "runs" / "tiny"
+    run = trained
     results = json.loads((run / "results.json").read_text())
     assert results["seed"] == 1 and results["best_epoch"] == 1
     metrics = pd.read_csv(run / "metrics.csv")
@@ -86,24 +111,26 @@ def test_label_train_evaluate_predict(project, tiny_imagefolder):
     images = sorted(str(p) for p in (tiny_imagefolder / "test").rglob("*.png"))  # all 9 test images
     out = json.loads(makd("predict", "-m", str(run / "best.safetensors"), *images, "-k", "3", "--json", cwd=project).stdout)
     assert [r["image"] for r in out] == images
-    assert all(r["class"] in CLASSES and r["probability"] >= 1 / len(CLASSES) and len(r["aspects"]) == 3 for r in out)
+    classes, probability, p_yes = model_predictions(run / "best.safetensors", images)
+    assert [r["class"] for r in out] == classes
+    assert [r["probability"] for r in out] == pytest.approx(probability.tolist(), abs=1e-5)
+    for r, row in zip(out, p_yes):  # the 3 aspects the head is most confident about, yes or no, with their P(yes)
+        chosen = np.argsort(-np.abs(row - 0.5))[:3]
+        assert [a["question"] for a in r["aspects"]] == [QUESTIONS[j] for j in chosen]
+        assert [a["p_yes"] for a in r["aspects"]] == pytest.approx(row[chosen].tolist(), abs=1e-5)
     # The reported test accuracy is that of the classes predicted image by image.
     assert 100 * np.mean([r["class"] == Path(r["image"]).parent.name for r in out]) == pytest.approx(results["test_top1_best"])
     text = makd("predict", "-m", str(run / "best.safetensors"), images[0], cwd=project).stdout
     assert text.startswith(images[0]) and any(q in text for q in QUESTIONS)
 
 
-def test_predict_on_real_photos(project, tmp_path):
-    """The natural photos shipped in the foolbox wheel go through any student (RGB, 512 px -> its input)."""
-    import importlib.util
-
-    data = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
-    photos = sorted(str(p) for p in data.glob("imagenet_0*.jpg"))[:3]
-    run = project / "runs" / "tiny"
-    if not (run / "best.safetensors").exists():
-        pytest.skip("needs the trained run of test_label_train_evaluate_predict")
-    out = json.loads(makd("predict", "-m", str(run / "best.safetensors"), *photos, "--json", cwd=project).stdout)
-    assert len(out) == 3 and all(r["class"] in CLASSES for r in out)
+def test_predict_on_real_photos(project, trained):
+    """The natural photos shipped in the foolbox wheel go through a grey 32 px student (RGB, 512 px -> its input)."""
+    photos = sorted(str(p) for p in foolbox_photos().glob("imagenet_0*.jpg"))[:3]
+    out = json.loads(makd("predict", "-m", str(trained / "best.safetensors"), *photos, "--json", cwd=project).stdout)
+    classes, probability, _ = model_predictions(trained / "best.safetensors", photos)
+    assert [r["class"] for r in out] == classes
+    assert [r["probability"] for r in out] == pytest.approx(probability.tolist(), abs=1e-5)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -4,7 +4,6 @@ warning about the teacher, and a run folder that still evaluates after the proje
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from support.data_packages import foolbox_photos
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,7 @@ def makd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def build_project(root: Path) -> None:
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("the foolbox wheel (real photos) is not installed")
-    files = {p.stem: p for p in (Path(spec.submodule_search_locations[0]) / "data").iterdir()}
+    files = {p.stem: p for p in foolbox_photos().iterdir()}
     for cls, names in PHOTOS.items():
         for i, name in enumerate(names):
             folder = root / "photos" / ("test" if i == len(names) - 1 else "train") / cls

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from support.data_packages import foolbox_photos
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -38,17 +39,10 @@ FOOLBOX_PHOTOS = ["imagenet_00_243.jpg", "imagenet_04_949.jpg", "imagenet_16_251
 
 
 def foolbox_photo(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("the foolbox wheel (real photos) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "data" / name
+    return foolbox_photos() / name
 
 
 def test_onnx_carries_metadata_and_predicts_like_the_student_file(tmp_path):
-    pytest.importorskip("onnxruntime")
     import json
 
     import onnx
@@ -83,7 +77,6 @@ def test_onnx_carries_metadata_and_predicts_like_the_student_file(tmp_path):
 
 
 def test_predicting_with_a_foreign_onnx_file_says_what_is_missing(tmp_path):
-    pytest.importorskip("onnx")
     import onnx
     from onnx import TensorProto, helper
 
