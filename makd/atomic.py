@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,10 +43,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = _new_file(path)
+        mode = stat.S_IMODE(tmp_path.stat().st_mode)  # 0666 less the umask: what any file written here gets
     except OSError as exc:
         raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
     try:
         yield tmp_path
+        # Some writers replace the file they are given with their own (safetensors makes it 0600): every output
+        # gets the same umask-given mode, whoever wrote it.
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except MakdError:
         raise

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from support.cli import Ran, run_makd
 from support.data_packages import foolbox_photos
 
 from makd.config import resolve_path
@@ -29,7 +30,10 @@ QUESTIONS = ["Is the item worn on the feet?", "Does the item have sleeves?", "Do
              "Does the item have a sole?", "Is the item worn on the upper body?"]
 
 
-def makd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+makd = run_makd  # in this process; `makd_process` where a real process matters
+
+
+def makd_process(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "makd", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     if check and proc.returncode != 0:
@@ -60,7 +64,7 @@ def project(tmp_path_factory, tiny_imagefolder):
 @pytest.fixture(scope="module")
 def trained(project) -> Path:
     """The project labelled and trained through the CLI (seed 1): its run folder."""
-    makd("label", "-c", "config.yaml", cwd=project)
+    makd_process("label", "-c", "config.yaml", cwd=project)  # a real `python -m makd` process, as a user runs it
     makd("train", "-c", "config.yaml", "train.seed=1", cwd=project)
     return project / "runs" / "tiny"
 
@@ -133,7 +137,22 @@ def test_predict_on_real_photos(project, trained):
     assert [r["probability"] for r in out] == pytest.approx(probability.tolist(), abs=1e-5)
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
+def test_evaluating_against_a_store_of_another_question_set_is_one_line(project, trained, tmp_path, fmnist_test):
+    from conftest import PixelTeacher
+
+    from makd.labels import label_split
+
+    other = QuestionSet.load(project / "questions.json").model_dump()
+    other["questions"][0]["text"] = "Is the item red?"
+    label_split(fmnist_test.subset(np.arange(4)), PixelTeacher(), QuestionSet.model_validate(other), tmp_path / "other",
+                progress=False)
+    err = one_line_error(makd("evaluate", "-m", trained / "best.safetensors", "--labels", tmp_path / "other", cwd=project,
+                              check=False))
+    assert f"label store {tmp_path / 'other'} is for question set sha256:" in err
+    assert err.endswith("give --labels the store it was trained with")
+
+
+def one_line_error(proc: Ran | subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr
     # The error is one line; makd's own warnings (e.g. about the teacher) may precede it, nothing else may.
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
@@ -142,7 +161,8 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_bad_inputs_give_one_line_errors(project, tmp_path, tiny_imagefolder):
-    err = one_line_error(makd("train", "-c", "config.yaml", "data.root=/nonexistent/data", cwd=project, check=False))
+    # What a shell sees: exit status 2 and one line on stderr (the other cases run in this process, through the same main).
+    err = one_line_error(makd_process("train", "-c", "config.yaml", "data.root=/nonexistent/data", cwd=project, check=False))
     assert "/nonexistent/data" in err
     err = one_line_error(makd("train", "-c", "config.yaml", "model.name=resnet9000", cwd=project, check=False))
     assert "model.name: unknown model 'resnet9000'" in err

@@ -168,6 +168,24 @@ def test_an_ablation_value_equal_to_the_default_reuses_the_methods_cell_and_the_
     assert sorted(r["run"] for r in rows) == ["ce-lr0.2-s0", "ce-s0", "makd-alpha8-s0", "makd-s0"]
 
 
+def test_subset_questions_larger_than_the_question_set_is_one_line(tmp_path, labelled):
+    path = grid_file(tmp_path, labelled, ablations={"Q": {"values": {"9": {"subset_questions": 9}}}})
+    with pytest.raises(MakdError, match=r"^subset_questions: 9 asked, the question set .*q\.json has 4$"):
+        plan(Grid.load(path))
+
+
+def test_a_failing_cell_leaves_the_others_results_and_exits_1(tmp_path, labelled, capsys):
+    path = grid_file(tmp_path, labelled, seeds=1, methods={"CE": ["loss.aspect_bce.weight=0"],
+                                                           "broken": ["model.name=resnet9000"], "MaKD": None})
+    assert cli_main(["experiment", str(path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "makd: error: 1 cell(s) failed (listed in tables.md); re-run to retry them"
+    folder = tmp_path / "out" / "tiny"
+    assert [r["run"] for r in csv.DictReader((folder / "results.csv").open())] == ["ce-s0", "makd-s0"]
+    assert "- `broken-s0`: model.name: unknown model 'resnet9000'" in (folder / "tables.md").read_text()
+    assert json.loads((tmp_path / "out" / "runs" / "makd-s0" / "results.json").read_text())["test_top1_best"] >= 0
+
+
 def test_worker_processes_run_without_epoch_bars():
     """Two workers' epoch bars would overwrite each other under the grid's bar: their jobs run quiet."""
     from makd.experiment.executors import Job, quiet

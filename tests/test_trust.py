@@ -399,6 +399,22 @@ def test_a_training_killed_while_writing_a_checkpoint_leaves_nothing_behind_and_
     assert (resumed["test_top1_best"], resumed["best_epoch"]) == (whole["test_top1_best"], whole["best_epoch"])
 
 
+@pytest.mark.slow
+def test_ctrl_c_ends_with_status_130_a_resumable_checkpoint_and_no_temporary_file(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "makd", "train", *TINY, "train.epochs=100", "loss.aspect_bce.weight=0",
+                             "train.threads=1", f"out={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "makd: interrupted (re-run the same command to resume)"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert 1 <= state["epoch"] < 100 and not list(run.rglob(".*.tmp"))
+
+
 # -- data: classes without images -----------------------------------------------------------------------------------
 def test_an_empty_class_folder_is_an_error_naming_the_class(tmp_path, tiny_imagefolder):
     root = tmp_path / "data"
