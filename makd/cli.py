@@ -162,9 +162,10 @@ def cmd_label(args: argparse.Namespace) -> int:
           f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
           + (f" (the rest are being labelled by other workers: `makd labels status {store.path}`)" if missing else ""))
     if not missing:
+        from makd.labels.listing import listed_or_built
         from makd.labels.show import label_report
 
-        print("\n".join(label_report(config, store, samples_of)))
+        print("\n".join(label_report(config, store, lambda c: listed_or_built(c, store.path, samples_of))))
     return 0
 
 

@@ -218,6 +218,7 @@ def claim_each(board: LeaseBoard, todo: Callable[[], list[Item]], name: Callable
     of their leases expires (then take it over), so that a dead worker's items are finished by the live ones;
     without, return."""
     poll_s = poll_s if poll_s is not None else min(5.0, board.timeout / 4)
+    waiting = False
     while True:
         items = todo()
         if not items:
@@ -239,8 +240,12 @@ def claim_each(board: LeaseBoard, todo: Callable[[], list[Item]], name: Callable
         if claimed is None:
             if not wait:
                 return
+            if not waiting:
+                log.info("waiting for %d item(s) other workers hold (taken over if their lease expires)", len(items))
+            waiting = True
             time.sleep(poll_s)
             continue
+        waiting = False
         try:
             yield claimed
         finally:

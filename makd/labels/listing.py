@@ -68,7 +68,8 @@ def write_listing(folder: Path, samples: ImageSplit | Sequence[str], key: str | 
 def listed_ids(folder: Path) -> list[str] | None:
     """The sample ids the store records, or None (none recorded, or unreadable)."""
     try:
-        return pq.read_table(folder / LISTING_FILE, columns=["sample_id"]).column(0).to_pylist()
+        with pq.ParquetFile(folder / LISTING_FILE) as file:  # not pq.read_table: it imports pyarrow.dataset (pandas)
+            return file.read(columns=["sample_id"]).column(0).to_pylist()
     except (OSError, pa.ArrowException, KeyError):
         return None
 
@@ -80,7 +81,8 @@ def listed_split(folder: Path, key: str) -> ImageSplit | None:
         metadata = pq.read_schema(path).metadata or {}
         if metadata.get(KEY) != key.encode() or not _fresh(json.loads(metadata[STAMPS])):
             return None
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as file:
+            table = file.read()
         split = json.loads(metadata[SPLIT])
         ids = table.column("sample_id").to_pylist()
         if ids_hash(ids) != metadata[IDS_HASH].decode():
@@ -135,6 +137,11 @@ def _index_files(config: Config) -> list[Path]:
                     found.append(place)
                     break
     return found
+
+
+def listed_or_built(config: Config, out: Path, samples: Callable[[Config], ImageSplit]) -> ImageSplit:
+    """`samples(config)` from the store's listing when it is valid for this config, else built (nothing written)."""
+    return listed_split(out, listing_key(config, samples)) or samples(config)
 
 
 def _may_record(out: Path, split: ImageSplit, overwrite: bool) -> bool:

@@ -18,6 +18,7 @@ from makd.labels.store import LabelStore, index_ranges, shard_name
 from makd.labels.writer import shard_lease
 
 RECENT_S = 900.0  # throughput over the shards written in the last 15 minutes
+OTHER_LEASES = {"samples": "listing the images", "consolidate": "building labels.arrow"}
 
 
 @dataclass
@@ -96,7 +97,7 @@ def status_lines(status: StoreStatus) -> list[str]:
     if len(s.leased) > 20:
         lines.append(f"  ... and {len(s.leased) - 20} more")
     lines.append(f"left    {len(s.left):>7,} shards" + (f" ({index_ranges(s.left)[:80]})" if s.left else ""))
-    lines += [f"also: {h.name} {_holder_line(h, s.now)}" for h in s.other_leases]
+    lines += [f"also: {OTHER_LEASES.get(h.name, h.name)}: {_holder_line(h, s.now)}" for h in s.other_leases]
     if not s.leased and not s.left:
         lines.append("complete: `makd labels check` validates every row")
     elif s.samples_per_s:
