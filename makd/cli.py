@@ -190,15 +190,22 @@ def cmd_labels_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_labels_check(args: argparse.Namespace) -> int:
-    from makd.labels import LabelStore, split_coverage
-
+def _store_and_config(args: argparse.Namespace) -> tuple[str, Config | None]:
+    """`labels check|status [path] [-c my.yaml] [key=value...]`: the store folder, and the config when one is given."""
     if args.path and "=" in args.path and not Path(args.path).exists():  # `check -c my.yaml key=value`
         args.overrides, args.path = [args.path, *args.overrides], None
     config = _load(args) if args.config or args.overrides else None
     path = args.path or (config.labels.path if config else None)
     if not path:
-        raise MakdError("labels check: name the label store folder, or give the config whose labels.path it is (-c)")
+        raise MakdError(f"labels {args.labels_command}: name the label store folder, or give the config whose "
+                        "labels.path it is (-c)")
+    return path, config
+
+
+def cmd_labels_check(args: argparse.Namespace) -> int:
+    from makd.labels import LabelStore, split_coverage
+
+    path, config = _store_and_config(args)
     store = LabelStore.open(path)
     coverage = store.check()
     print(f"label store {store.path} ({store.meta['teacher'].get('name', '?')}, {store.num_questions} questions)")
@@ -216,13 +223,7 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
 def cmd_labels_status(args: argparse.Namespace) -> int:
     from makd.labels.status import status_lines, store_status
 
-    if args.path and "=" in args.path and not Path(args.path).exists():  # `status -c my.yaml key=value`
-        args.overrides, args.path = [args.path, *args.overrides], None
-    config = _load(args) if args.config or args.overrides else None
-    path = args.path or (config.labels.path if config else None)
-    if not path:
-        raise MakdError("labels status: name the label store folder, or give the config whose labels.path it is (-c)")
-    status = store_status(path)
+    status = store_status(_store_and_config(args)[0])
     print(json.dumps(status.to_json(), indent=2) if args.json else "\n".join(status_lines(status)))
     return 0
 

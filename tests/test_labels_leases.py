@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import PixelTeacher, dead_pid, make_question_set
 
-from makd.labels import LabelStore, label_split
-from makd.labels.leases import LeaseBoard, claim_each
+from makd.labels import LabelStore, LabelWriter, label_split
+from makd.labels.leases import LEASE_DIR, LeaseBoard, claim_each
 from makd.labels.status import status_lines, store_status
 
 TESTS = Path(__file__).resolve().parent
@@ -133,6 +134,30 @@ def test_claims_skip_what_others_hold_and_wait_for_them_to_finish(tmp_path):
     assert list(claim_each(board, lambda: ["item-8"], str, wait=False)) == []  # held, no waiting: nothing
     held.release()
     assert next(claim_each(board, lambda: ["item-8"], str, wait=False))[0] == "item-8"  # free again: claimed
+
+
+def test_a_worker_whose_lease_was_taken_over_does_not_write_over_the_new_holders_shard(tmp_path):
+    questions = make_question_set(["cat", "dog"], n=2)
+    ids = [f"img/{i}" for i in range(4)]
+    slow = LabelWriter.open(tmp_path / "s", questions, {"name": "made-up"}, ids, shard_size=2)
+    shards = slow.claim_shards(lease_timeout=30)
+    assert next(shards) == 0
+    # Paused past its timeout: another worker (another host) takes shard 0 over and writes it.
+    lease_file = tmp_path / "s" / LEASE_DIR / "shard-00000.0.lease"
+    fields = json.loads(lease_file.read_text())
+    lease_file.write_text(json.dumps({**fields, "host": "ffffffff", "heartbeat": time.time() - 60}))
+    fast = LabelWriter.open(tmp_path / "s", questions, {"name": "made-up"}, ids, shard_size=2)
+    other = LeaseBoard(tmp_path / "s" / LEASE_DIR, "fast", timeout=30).try_claim("shard-00000")
+    assert other is not None and other.holder.attempt == 1
+    ones = np.ones((2, 2), np.float32)
+    fast.write_shard(0, ids[:2], ones, ones * 0.5)
+    written = (tmp_path / "s" / "shard-00000.parquet").stat().st_mtime_ns
+    slow.write_shard(0, ids[:2], -ones, ones * 0.25)  # the paused worker wakes up: its copy is dropped
+    assert (tmp_path / "s" / "shard-00000.parquet").stat().st_mtime_ns == written
+    other.release()
+    shards.close()
+    assert next(slow.claim_shards(wait=False)) == 1  # shard 0 is done: the next claim is shard 1
+    assert pq.read_table(tmp_path / "s" / "shard-00000.parquet").column("mass").to_pylist() == [[0.5, 0.5]] * 2
 
 
 # -- worker processes -----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from makd.atomic import HOST, new_temporary_file, process_running, remove_stale_temporaries
+from makd.errors import OutputError, os_error_message
 
 log = logging.getLogger("makd.labels")
 LEASE_DIR = "leases"  # a label store's lease files: one per shard being scored, and the image listing's
@@ -100,11 +101,16 @@ class Lease:
             except OSError as exc:  # a file-server hiccup: try again at the next beat
                 log.warning("could not renew the lease %s: %s", self.path, exc)
 
-    def renew(self) -> bool:
-        """Write a new heartbeat; False (and `lost`) when another worker has taken the lease over."""
+    def held(self) -> bool:
+        """Whether this lease is still this worker's (False, and `lost`, once another worker took it over)."""
         superseded = self.board.path_of(self.holder.name, self.holder.attempt + 1)
         if self.lost or superseded.exists() or not self.path.exists():
             self.lost = True
+        return not self.lost
+
+    def renew(self) -> bool:
+        """Write a new heartbeat; False (and `lost`) when another worker has taken the lease over."""
+        if not self.held():
             return False
         self.holder = Holder(**{**self.holder.to_json(), "heartbeat": time.time()})
         tmp = self.board.write_temporary(self.path, self.holder)
@@ -185,15 +191,20 @@ class LeaseBoard:
         attempt = 0 if current is None else current.attempt + 1
         now = time.time()
         holder = Holder(name, attempt, self.worker, socket.gethostname(), HOST, os.getpid(), now, now, self.timeout)
-        self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path_of(name, attempt)
-        tmp = self.write_temporary(target, holder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.write_temporary(target, holder)
+        except OSError as exc:  # a read-only store, a full disk: one line naming the lease
+            raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         try:
             os.link(tmp, target)
-        except FileExistsError:
-            return None  # another worker got this attempt first
-        except OSError:
-            if os.stat(tmp).st_nlink != 2:  # NFS: a link whose reply was lost did succeed iff the count is 2
+        except OSError as exc:
+            # NFS: a link whose reply was lost may be retried and fail, yet have succeeded: it did iff the count is 2
+            # (open(2), O_EXCL). Otherwise EEXIST means another worker got this attempt first.
+            if os.stat(tmp).st_nlink != 2:
+                if isinstance(exc, FileExistsError):
+                    return None
                 raise
         finally:
             tmp.unlink(missing_ok=True)

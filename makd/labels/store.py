@@ -258,10 +258,13 @@ class LabelStore:
         store order; every problem). Each problem is one line naming the shard file and, for values, the first
         bad (sample id, question id).
 
-        Per shard: the row count its position implies; the columns and their width, which must be Q of
-        labels.json (a narrower shard would otherwise be reshaped into targets shifted across samples); no
-        missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample id; for a
-        complete store, the sample order the job was started with."""
+        Per shard: the row count its position implies (less the samples it records as skipped, which must lie in
+        its share); the types (a shard another tool wrote with large strings or lists of doubles is read in the
+        store's types, or the first row whose list does not hold Q values is named); the columns and their width,
+        which must be Q of labels.json (a narrower shard would otherwise be reshaped into targets shifted across
+        samples); no missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample
+        id; for a complete store, the sample order the job was started with (skipped samples at their positions).
+        The returned table records the skipped samples in its metadata."""
         problems, good, skipped = [], [], []
         for index, table in shards:
             try:

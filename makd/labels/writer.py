@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from makd.atomic import read_json, remove_stale_temporaries, write_json
 from makd.errors import MakdError
-from makd.labels.leases import DEFAULT_TIMEOUT_S, LEASE_DIR, LeaseBoard, claim_each, worker_label
+from makd.labels.leases import DEFAULT_TIMEOUT_S, LEASE_DIR, Lease, LeaseBoard, claim_each, worker_label
 from makd.labels.listing import LISTING_FILE, listed_ids, write_listing
 from makd.labels.store import (
     FORMAT,
@@ -62,6 +62,7 @@ class LabelWriter:
     def __init__(self, store: LabelStore, sample_ids: Sequence[str]) -> None:
         self.store = store
         self.sample_ids = list(sample_ids)
+        self._leases: dict[int, Lease] = {}  # the shards this worker holds now (claim_shards)
 
     # -- opening --------------------------------------------------------------------------------------------
     @classmethod
@@ -146,8 +147,12 @@ class LabelWriter:
 
         shards = claim_each(board, todo, shard_lease, wait=wait, poll_s=min(5.0, lease_timeout / 4))
         try:
-            for index, _lease in shards:
-                yield index
+            for index, lease in shards:
+                self._leases[index] = lease
+                try:
+                    yield index
+                finally:
+                    del self._leases[index]
         finally:
             shards.close()
 
@@ -191,6 +196,12 @@ class LabelWriter:
                  for sid, reason in sorted(skipped.items(), key=lambda item: positions[item[0]])]
         table = shard_table(sample_ids, np.asarray(logodds), np.asarray(mass),
                             None if flags is None else np.asarray(flags), skips)
+        lease = self._leases.get(index)
+        path = self.store.path / shard_name(index)
+        if lease is not None and not lease.held() and path.exists():  # this worker was silent past its lease
+            log.warning("%s: this worker's lease expired and the worker that took it over has written it: this "
+                        "copy is dropped", path.name)
+            return path
         return self.store.write_shard(index, table, source=f"teacher {self.store.meta['teacher']['name']} returned targets")
 
     def finish(self, lease_timeout: float = DEFAULT_TIMEOUT_S) -> LabelStore:
