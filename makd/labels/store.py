@@ -28,10 +28,14 @@ shard before writing it, and `makd labels check` lists every problem the same fu
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import platform
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -73,10 +77,23 @@ def shard_name(index: int) -> str:
 
 
 def software_versions() -> dict[str, str]:
-    import torch
-
-    return {"makd": makd.__version__, "python": platform.python_version(), "torch": torch.__version__,
+    return {"makd": makd.__version__, "python": platform.python_version(), "torch": _torch_version(),
             "pyarrow": pa.__version__, "numpy": np.__version__}
+
+
+def _torch_version() -> str:
+    """torch.__version__ (with its build tag, e.g. +cu130) without importing torch when it is not loaded: that takes
+    seconds, and a worker of a server-side teacher never needs it."""
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "not installed"
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text(encoding="utf-8")
+        return re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)[1]
+    except (OSError, TypeError):
+        return importlib.metadata.version("torch")
 
 
 @dataclass(frozen=True)
