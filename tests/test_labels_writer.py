@@ -84,6 +84,19 @@ def test_the_writer_lands_any_backends_rows_resumably_with_flags_and_skipped_sam
     assert b"img/005.jpg" in pq.read_schema(tmp_path / "s" / shard_name(1)).metadata[b"makd.skipped"]
 
 
+def test_a_shard_whose_only_sample_was_skipped_holds_no_rows_and_the_store_still_reads(tmp_path):
+    questions = make_question_set(["cat", "dog"], n=2)
+    ids = ["a", "b", "c"]
+    writer = LabelWriter.open(tmp_path / "s", questions, TEACHER, ids, shard_size=2)
+    logodds, mass, flags = made_up_rows(ids[:2], 2)
+    writer.write_shard(0, ids[:2], logodds, mass, flags)
+    empty = np.zeros((0, 2), np.float32)
+    writer.write_shard(1, [], empty, empty, skipped={"c": "truncated file"})  # no flags: nothing to flag
+    store = writer.finish()
+    assert store.read()[0] == ["a", "b"] and store.read_flags().shape == (2, 2)
+    assert [s.sample_id for s in store.skipped()] == ["c"] and store.check().complete
+
+
 def test_the_writer_refuses_rows_that_do_not_fit_before_writing_anything(tmp_path):
     questions = make_question_set(["cat", "dog"], n=3)
     ids = [f"img/{i}" for i in range(6)]

@@ -282,7 +282,7 @@ class LabelStore:
         samples); no missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample
         id; for a complete store, the sample order the job was started with (skipped samples at their positions).
         The returned table records the skipped samples in its metadata."""
-        problems, good, skipped = [], [], []
+        problems, good, skipped, passed = [], [], [], 0
         for index, table in shards:
             try:
                 skips = self._skipped_in(index, table)
@@ -291,15 +291,19 @@ class LabelStore:
                                                           self._expected_rows(index) - len(skips))
             except ValueError as exc:
                 skips, problem = [], f"{shard_name(index)}: {exc}"
-            if problem is None and good and table.column_names != good[0][1].column_names:
+            if problem is None and good and table.num_rows and table.column_names != good[0][1].column_names:
                 problem = (f"{shard_name(index)}: columns {table.column_names} differ from "
                            f"{shard_name(good[0][0])}'s {good[0][1].column_names}")
             if problem is None:
-                good.append((index, table.replace_schema_metadata()))
+                passed += 1
                 skipped += skips
+                if table.num_rows:  # a shard whose every sample was skipped adds no rows (nor flags column)
+                    good.append((index, table.replace_schema_metadata()))
             else:
                 problems.append(problem)
         if not good:
+            if passed == self.num_shards and not problems:
+                problems.append("no sample has a row: every one was skipped as unreadable (`makd labels check`)")
             return None, problems
         table = pa.concat_tables([t for _, t in good]).combine_chunks()
         starts = np.cumsum([0] + [t.num_rows for _, t in good])[:-1]
@@ -311,7 +315,7 @@ class LabelStore:
         ids = table.column("sample_id").to_pylist()
         if len(set(ids)) != len(ids):
             problems.append(_duplicates(ids, shard_of_row))
-        elif (len(good) == self.num_shards and not problems
+        elif (passed == self.num_shards and not problems
               and ids_hash(_in_sample_order(ids, skipped)) != self.meta["sample_ids_hash"]):
             problems.append("the sample ids differ from the sample list the job was started with")
         return with_skipped(table, skipped), problems
