@@ -25,6 +25,7 @@ pipeline:
   makd questions show makd:fashion_mnist/questions.json     inspect a question set
   makd label -c my.yaml                                     teacher targets -> label store (resumable)
   makd labels check labels/                                 every sample covered once? which shards are missing
+  makd labels status labels/                                a running job: shards done / leased / left, ETA
   makd labels show labels/ -c my.yaml --plot answers.png    what the teacher said, per image and per class
   makd labels export labels/ -o targets.json                the official {image_name: [p_1..p_Q]} JSON (and import)
   makd train -c my.yaml train.seed=1                        student with an aspect head -> run folder
@@ -154,16 +155,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     config = _load(args)
     rank, world = args.shard or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     samples_of = _samples_of(config)
-    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite, samples=samples_of)
+    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite,
+                              retry_skipped=args.retry_skipped, samples=samples_of)
     missing = store.missing_shards()
     print(f"label store {store.path}: {store.meta['num_samples']} samples x {store.num_questions} questions, "
           f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
-          + (f" (the rest belong to other workers: `makd labels check {store.path}` when all are done)"
-             if missing and world > 1 else ""))
+          + (f" (the rest are being labelled by other workers: `makd labels status {store.path}`)" if missing else ""))
     if not missing:
+        from makd.labels.listing import listed_or_built
         from makd.labels.show import label_report
 
-        print("\n".join(label_report(config, store, samples_of)))
+        print("\n".join(label_report(config, store, lambda c: listed_or_built(c, store.path, samples_of))))
     return 0
 
 
@@ -188,15 +190,22 @@ def cmd_labels_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_labels_check(args: argparse.Namespace) -> int:
-    from makd.labels import LabelStore, split_coverage
-
+def _store_and_config(args: argparse.Namespace) -> tuple[str, Config | None]:
+    """`labels check|status [path] [-c my.yaml] [key=value...]`: the store folder, and the config when one is given."""
     if args.path and "=" in args.path and not Path(args.path).exists():  # `check -c my.yaml key=value`
         args.overrides, args.path = [args.path, *args.overrides], None
     config = _load(args) if args.config or args.overrides else None
     path = args.path or (config.labels.path if config else None)
     if not path:
-        raise MakdError("labels check: name the label store folder, or give the config whose labels.path it is (-c)")
+        raise MakdError(f"labels {args.labels_command}: name the label store folder, or give the config whose "
+                        "labels.path it is (-c)")
+    return path, config
+
+
+def cmd_labels_check(args: argparse.Namespace) -> int:
+    from makd.labels import LabelStore, split_coverage
+
+    path, config = _store_and_config(args)
     store = LabelStore.open(path)
     coverage = store.check()
     print(f"label store {store.path} ({store.meta['teacher'].get('name', '?')}, {store.num_questions} questions)")
@@ -204,10 +213,19 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     if config is None:
         return 0 if coverage.complete else 1
     print(f"against the samples of {', '.join(args.config or ['the default config'])} (labels.splits {config.labels.splits}):")
-    splits = split_coverage(config, coverage.sample_ids, None if config.task != "detection" else _samples_of(config))
+    splits = split_coverage(config, coverage.sample_ids, None if config.task != "detection" else _samples_of(config),
+                            coverage.skipped)
     print("\n".join(s.report() for s in splits))
     covered = not any(s.missing for s in splits)
     return 0 if coverage.complete and covered else 1
+
+
+def cmd_labels_status(args: argparse.Namespace) -> int:
+    from makd.labels.status import status_lines, store_status
+
+    status = store_status(_store_and_config(args)[0])
+    print(json.dumps(status.to_json(), indent=2) if args.json else "\n".join(status_lines(status)))
+    return 0
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
@@ -427,8 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Writes Parquet shards atomically; re-running resumes at the first missing shard.",
                          formatter_class=fmt)
     _config_args(lab)
-    lab.add_argument("--shard", type=_shard, metavar="i/n", help="this worker's share (default: torchrun's RANK/WORLD_SIZE)")
+    lab.add_argument("--shard", type=_shard, metavar="i/n", help="the share this worker claims first, then any shard no "
+                     "live worker holds (default: torchrun's RANK/WORLD_SIZE)")
     lab.add_argument("--overwrite", action="store_true", help="discard an existing store at labels.path")
+    lab.add_argument("--retry-skipped", action="store_true",
+                     help="label again the shards that skipped unreadable images (after repairing them)")
     lab.set_defaults(func=cmd_label)
 
     ls = sub.add_parser("labels", help="check, export and import label stores", formatter_class=fmt)
@@ -441,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--world-size", type=int, help="also say which rank (of a --shard i/n job) owes each missing shard")
     _config_args(chk)
     chk.set_defaults(func=cmd_labels_check)
+    sts = lsub.add_parser("status", help="progress of a labelling job: shards done, leased (by whom) and left, "
+                                         "throughput, time left",
+                          description="Reads only file names and times (no shard is opened): cheap to run while "
+                                      "workers label. Throughput is over the shards written in the last 15 minutes, "
+                                      "all workers together.")
+    sts.add_argument("path", nargs="?", help="label store folder (default: labels.path of the config)")
+    sts.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    _config_args(sts)
+    sts.set_defaults(func=cmd_labels_status)
     exp = lsub.add_parser("export", help="write the official {image_name: [p_1, ..., p_Q]} JSON")
     exp.add_argument("path", help="label store folder")
     exp.add_argument("-o", "--output", required=True, help="JSON file to write")

@@ -35,6 +35,9 @@ class LabelsConfig(Section):
         ["train"], description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
     max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
     shard_size: int = Field(512, ge=1, description="samples per Parquet shard (the unit of resuming and of --shard)")
+    lease_timeout: float = Field(300, gt=0, description="seconds without a heartbeat after which a worker's lease on "
+                                 "a shard expires and another worker takes the shard over (a worker of the same host "
+                                 "whose process is gone: at once); above the hosts' clock skew")
     permute: Literal["none", "images", "within_class"] = Field(
         "none", description="control: shuffle teacher targets across training images (or within each class)")
 

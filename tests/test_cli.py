@@ -187,16 +187,28 @@ def test_bad_inputs_give_one_line_errors(project, tmp_path, tiny_imagefolder):
 
 
 def test_corrupt_image_while_labelling(project, tmp_path, tiny_imagefolder):
+    """A corrupt image is recorded and skipped, not fatal; training then says which sample has no row and why."""
     import shutil
+
+    from makd.config import load_config
+    from makd.labels import samples_to_label
 
     root = tmp_path / "data"
     shutil.copytree(tiny_imagefolder, root)
-    bad = sorted((root / "test" / "Trouser").iterdir())[0]
+    overrides = [f"data.root={root}", f"labels.path={tmp_path / 'labels'}", "labels.splits=[train]"]
+    config = load_config(project / "config.yaml", overrides)
+    bad_id = next(sid for sid in samples_to_label(config).sample_ids if sid.startswith("train/Trouser/"))
+    bad = root / bad_id
     bad.write_bytes(b"not an image at all")
-    proc = makd("label", "-c", "config.yaml", f"data.root={root}", f"labels.path={tmp_path / 'labels'}",
-                "labels.splits=[test]", cwd=project, check=False)
-    assert f"cannot read image {bad}" in one_line_error(proc)
+    makd("label", "-c", "config.yaml", *overrides, cwd=project)
+    store = LabelStore.open(tmp_path / "labels")
+    reason = f"cannot read image {bad}: not an image, or a corrupt one"
+    assert store.check().complete and [(s.sample_id, s.reason) for s in store.skipped()] == [(bad_id, reason)]
     assert not list((tmp_path / "labels").glob(".*.tmp"))
+    err = one_line_error(makd("train", "-c", "config.yaml", *overrides, f"out={tmp_path / 'run'}", cwd=project,
+                              check=False))
+    assert f"sample {bad_id!r} has no row in label store {tmp_path / 'labels'}: its image could not be read" in err
+    assert reason in err and "`makd label --retry-skipped`" in err
 
 
 def test_label_resumes_after_sigkill(project, tmp_path):

@@ -30,7 +30,7 @@ from makd.data.config import DataConfig
 from makd.data.imagefolder import IMAGE_EXTENSIONS
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split, samples_to_label
-from makd.labels.store import META_FILE, TABLE_FILE, shard_name, shard_table
+from makd.labels.store import META_FILE, TABLE_FILE, VALIDATION, shard_name, shard_table
 from makd.questions import QuestionSet
 
 TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
@@ -161,14 +161,14 @@ def test_reads_of_the_validated_table_do_not_scan_values_again(store12, monkeypa
     assert calls == []
     path = store.path / TABLE_FILE
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    assert table.schema.metadata[b"makd.validated"] == b"1"
+    assert table.schema.metadata[b"makd.validated"] == VALIDATION.encode()
     older = table.replace_schema_metadata({b"makd.shards": table.schema.metadata[b"makd.shards"]})
     path.unlink()
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, older.schema) as writer:
         writer.write_table(older)
     logodds, _ = LabelStore.open(store.path).lookup(split.sample_ids)
     assert calls == [3] and logodds.shape == (12, 3)
-    assert pa.ipc.open_file(str(path)).schema.metadata[b"makd.validated"] == b"1"
+    assert pa.ipc.open_file(str(path)).schema.metadata[b"makd.validated"] == VALIDATION.encode()
 
 
 def test_training_on_a_misaligned_store_fails_before_the_first_step(tmp_path, capsys):
@@ -348,12 +348,14 @@ def test_labelling_removes_a_killed_workers_temporary_files_but_not_a_live_ones(
     split = fmnist_test.subset(np.arange(8), "part")
     questions = make_question_set(split.class_names, n=2)
     out = tmp_path / "s"
-    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False,
+                share_only=True)
     killed, live = f".shard-00001.parquet.{HOST}-{dead_pid()}.abc123.tmp", f".shard-00001.parquet.{HOST}-{os.getpid()}.def456.tmp"
     for name in (killed, live):
         (out / name).write_bytes(b"partial")
     assert LabelStore.open(out).check().leftovers == 1  # the live writer's file is not a leftover
-    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False,
+                share_only=True)
     assert sorted(p.name for p in out.glob(".*.tmp")) == [live]
 
 

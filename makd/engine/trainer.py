@@ -79,7 +79,8 @@ NOT_TRAINING = ("generate.", "select.")  # sections only the question stages rea
 # continues the same computation in another summation order.
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
                      "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
-                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory"}
+                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory",
+                     "labels.lease_timeout"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
