@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -209,28 +207,6 @@ def test_corrupt_image_while_labelling(project, tmp_path, tiny_imagefolder):
                               check=False))
     assert f"sample {bad_id!r} has no row in label store {tmp_path / 'labels'}: its image could not be read" in err
     assert reason in err and "`makd label --retry-skipped`" in err
-
-
-def test_label_resumes_after_sigkill(project, tmp_path):
-    out = tmp_path / "labels"
-    args = [sys.executable, "-m", "makd", "label", "-c", "config.yaml", f"labels.path={out}", "labels.shard_size=3",
-            "teacher.batch_size=1"]
-    proc = subprocess.Popen(args, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "shard-00001.parquet").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert 2 <= len(done_before) < 7, "the kill should land between the first and the last shard"
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
-    makd("label", "-c", "config.yaml", f"labels.path={out}", "labels.shard_size=3", "teacher.batch_size=1", cwd=project)
-    assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes  # finished shards were not recomputed
-    assert not list(out.glob(".*.tmp"))
-    makd("label", "-c", "config.yaml", f"labels.path={tmp_path / 'ref'}", "labels.shard_size=3", cwd=project)
-    resumed, reference = LabelStore.open(out).read(), LabelStore.open(tmp_path / "ref").read()
-    assert resumed[0] == reference[0]
-    np.testing.assert_allclose(resumed[1], reference[1], atol=1e-5)
 
 
 def test_questions_show_and_import(tmp_path):

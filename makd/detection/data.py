@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from makd.atomic import read_json, write_json
+from makd.cache import cache_dir
 from makd.config import Config, DetectionConfig
 from makd.data.base import load_image
 from makd.data.fashion_mnist import load_fashion_mnist
@@ -268,7 +269,7 @@ def write_coco(root: Path, split: str, images: np.ndarray, boxes: list[np.ndarra
 
 def default_canvas_root(opts: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps([CANVAS_FORMAT, opts], sort_keys=True).encode()).hexdigest()[:10]
-    return Path(os.environ.get("MAKD_CACHE", Path.home() / ".cache" / "makd")) / f"canvases-{key}"
+    return cache_dir() / f"canvases-{key}"
 
 
 def ensure_canvases(config: Config) -> Path:

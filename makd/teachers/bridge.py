@@ -188,7 +188,8 @@ class BridgeTeacher:
         if self._class_embeddings is None:
             prompt = PROMPTS[self.options.prompt]
             names, glosses = imagenet_classes()
-            self._class_embeddings = self.encode([prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)])
+            texts = [prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)]
+            self._class_embeddings = embeddings.encode(texts, self.options.device, cached=True)
         return self._class_embeddings
 
     def encode(self, texts: list[str]) -> np.ndarray:
