@@ -188,8 +188,8 @@ def test_a_failing_cell_leaves_the_others_results_and_exits_1(tmp_path, labelled
 
 def test_worker_processes_run_without_epoch_bars():
     """Two workers' epoch bars would overwrite each other under the grid's bar: their jobs run quiet."""
-    from makd.experiment.executors import Job, quiet
+    from makd.experiment.executors import Job
 
     job = Job(({"name": "ce-s0", "train": {"progress": True, "epochs": 3}},))
-    assert quiet(job).configs == ({"name": "ce-s0", "train": {"progress": False, "epochs": 3}},)
-    assert job.configs[0]["train"]["progress"] is True and quiet(job).names == ["ce-s0"]
+    assert job.quiet().configs == ({"name": "ce-s0", "train": {"progress": False, "epochs": 3}},)
+    assert job.configs[0]["train"]["progress"] is True and job.quiet().names == ["ce-s0"]
