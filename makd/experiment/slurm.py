@@ -45,6 +45,9 @@ class Requeueable(submitit.helpers.Checkpointable):
         self.work, self.threads = work, threads
 
     def __call__(self) -> list[dict[str, Any]]:
+        # makd's messages (a resumed run, a labelled shard) into the job's log, as on a terminal
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("makd").setLevel(logging.INFO)
         return self.work(self.threads)
 
 
