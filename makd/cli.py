@@ -177,9 +177,10 @@ def _label_with_workers(args: argparse.Namespace, config: Config, samples_of: Sa
                                                   if v is not None})
     works = label_workers(config, executor.workers, samples_of)
     workdir = Path(config.labels.path).resolve().parent
-    for work, _, error in EXECUTORS.get(executor.name)(works, executor, workdir):
-        if error:
-            raise MakdError(f"{work.names[0]} failed: {error} (re-run to resume)")
+    failed = [(work, error) for work, _, error in EXECUTORS.get(executor.name)(works, executor, workdir) if error]
+    if failed:
+        raise MakdError(f"{failed[0][0].names[0]} failed: {failed[0][1]}" + (f"; {len(failed) - 1} more worker(s) "
+                        "failed" if len(failed) > 1 else "") + " (re-run to resume)")
     return _label_summary(config, LabelStore.open(config.labels.path), samples_of, executor.workers)
 
 

@@ -128,6 +128,8 @@ def run_local(works: Sequence[Work], executor: Executor, workdir: Path) -> Itera
     """`workers` processes with `threads` torch threads each, each on its own GPU when there are GPUs; one worker
     runs in this process (no start-up cost)."""
     threads = executor.threads or max(1, (os.cpu_count() or 1) // executor.workers)
+    if not works:
+        return
     if executor.workers == 1:
         for work in works:
             yield guarded(work, lambda: work(threads))

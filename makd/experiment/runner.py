@@ -167,6 +167,9 @@ def label_stores(grid: Grid, executor: Executor, samples_of: Callable[[Config], 
     `samples_of(config)` says what a config labels (default: its images; the CLI passes detection's box crops)."""
     stores = stores_to_label(grid)
     for path, config in stores.items():
+        if samples_of is None and config.task != "classification":
+            raise MakdError(f"label store {path}: label it first with `makd label` (what a {config.task} config labels "
+                            "is for the command line to say)")
         log.info("%s: labelling %s first (%d worker(s) on %s), which its cells learn from", grid.spec.name, path,
                  executor.workers, executor.name)
     works = [work for config in stores.values() for work in
