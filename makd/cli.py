@@ -266,12 +266,11 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from makd.engine import train
+    from makd.launchers import from_env
 
     config = _load(args)
     results = train(config, resume=args.resume == "auto")
     report = Path(config.out) / "report.md"
-    from makd.launchers import from_env
-
     if not from_env().main:  # under torchrun or srun, one summary line
         pass
     elif config.task == "detection":

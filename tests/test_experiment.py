@@ -234,3 +234,19 @@ def test_the_grid_labels_the_store_its_cells_learn_from_once_before_training_the
     assert set(outcome.results) == {"ce-s0", "makd-s0", "permuted-s0"} and not outcome.failed
     assert caplog.text.count("labelling") == 1 and LabelStore.open(tmp_path / "store").check().complete
     assert stores_to_label(grid) == {}  # made: a re-run labels nothing
+
+
+def test_cells_that_share_a_store_must_agree_on_what_it_is_made_from(tmp_path):
+    from makd.experiment.runner import stores_to_label
+
+    spec = {"name": "clash", "out": "out", "overrides": ["labels.path=store", "questions=q.json"], "seeds": 1,
+            "variants": {"data": {"few": ["data.train_per_class=2"], "more": ["data.train_per_class=4"]}},
+            "methods": {"MaKD": None, "permuted": ["labels.permute=images"]}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(MakdError, match=r"cells few-makd-s0 and more-makd-s0 learn from the label store .*store but "
+                                        r"label it with different data settings"):
+        stores_to_label(Grid.load(tmp_path / "grid.yaml"))
+    same = Grid.load(tmp_path / "grid.yaml", ["data.train_per_class=3"])  # permute alone differs: one store
+    assert list(stores_to_label(same)) == [str(tmp_path / "store")]
+    with pytest.raises(MakdError, match="executor.batch_seeds trains several seeds as one model in one process"):
+        run_grid(same, same.spec.executor.model_copy(update={"name": "slurm", "batch_seeds": 2, "gpus": 2}))

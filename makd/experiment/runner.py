@@ -121,9 +121,14 @@ def batch_jobs(cells: Sequence[PlannedCell], batch_seeds: int) -> list[Job]:
     return jobs
 
 
-# What a store is made from: `makd label` reads these; the rest of a cell's config (labels.permute included) only
-# decides how the cell trains on the store.
+# What a store is made from: what `makd label` reads (labels.permute only decides how a cell uses the store).
 LABELLING_KEYS = ("task", "questions", "data", "teacher", "detection")
+
+
+def made_from(config: Config) -> dict[str, Any]:
+    settings = to_dict(config)
+    return {**{k: settings[k] for k in LABELLING_KEYS},
+            "labels": {k: v for k, v in settings["labels"].items() if k != "permute"}}
 
 
 def needs_labels(config: Config) -> bool:
@@ -137,25 +142,19 @@ def needs_labels(config: Config) -> bool:
 def stores_to_label(grid: Grid) -> dict[str, Config]:
     """The label stores the grid's cells learn from that are missing or incomplete, each with the config of the
     first cell that needs it. Cells that share a store must agree on what it is made from."""
-    stores: dict[str, tuple[Cell, Config]] = {}
+    stores: dict[str, tuple[Cell, Config, dict[str, Any]]] = {}
     for cell in grid.cells():
         config = grid.config(cell)  # the cell's own store (a question subset is cut from it afterwards)
         if not needs_labels(config) or not config.labels.path:
             continue  # (the cell itself says what is missing)
-        path = str(config.labels.path)
-        if path not in stores:
-            stores[path] = (cell, config)
-            continue
-        first, made_from = stores[path]
-        differ = [k for k in LABELLING_KEYS if to_dict(config)[k] != to_dict(made_from)[k]]
-        labels = {k: v for k, v in to_dict(config)["labels"].items() if k != "permute"}
-        if not differ and labels != {k: v for k, v in to_dict(made_from)["labels"].items() if k != "permute"}:
-            differ = ["labels"]
+        path, settings = str(config.labels.path), made_from(config)
+        first, _, first_settings = stores.setdefault(path, (cell, config, settings))
+        differ = [k for k in settings if settings[k] != first_settings[k]]
         if differ and not complete(path):
             raise MakdError(f"cells {first.name} and {cell.name} learn from the label store {path} but label it with "
                             f"different {differ[0]} settings: give them different labels.path, or make the store "
                             f"once with `makd label`")
-    return {path: config for path, (_, config) in stores.items() if not complete(path)}
+    return {path: config for path, (_, config, _) in stores.items() if not complete(path)}
 
 
 def complete(path: str) -> bool:
