@@ -5,10 +5,10 @@ One process per device, whatever starts it (first match wins):
 - torchrun, or anything that sets torch's RANK and WORLD_SIZE (LOCAL_RANK, MASTER_ADDR, MASTER_PORT beside them).
   They win over Slurm's, so `torchrun` started by `srun` once per node, inside a Slurm job, is one torchrun run;
 - submitit's local executor (SUBMITIT_LOCAL_* as its JobEnvironment reads them): the Slurm path on one machine;
-- srun: SLURM_PROCID / SLURM_STEP_NUM_TASKS (the job step's tasks, SLURM_NTASKS as a fallback) / SLURM_LOCALID;
-  rank 0 runs on the first host of the step's node list. A batch script that runs makd without srun is one process
-  even when the job has several tasks (SLURM_NTASKS > 1 there, but only one process: waiting for the others would
-  hang), with a warning;
+- srun: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID; rank 0 runs on the first host of the step's node
+  list. The step's task count, not SLURM_NTASKS: that one is the job's, and a batch script that runs makd without
+  srun has it too (> 1 when the job asked for several tasks) although it is one process — waiting for the others
+  would hang. Such a process runs alone, with a warning;
 - makd's own local worker pool (MAKD_LOCAL_RANK): one process of one, placed on the worker's own device;
 - anything else: rank 0 of 1.
 
