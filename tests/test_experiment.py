@@ -143,7 +143,8 @@ def test_bootstrap_and_t_intervals_of_a_paired_difference():
 @pytest.mark.slow
 def test_slurm_cells_run_as_one_array_at_most_array_parallelism_at_once(tmp_path, labelled, caplog):
     """submitit's local cluster has no arrays: makd keeps the window itself (on Slurm: --array=0-1%1)."""
-    path = grid_file(tmp_path, labelled, seeds=1, executor={"name": "slurm", "cluster": "local", "array_parallelism": 1})
+    path = grid_file(tmp_path, labelled, seeds=1, executor={"name": "slurm", "cluster": "local", "array_parallelism": 1},
+                     overrides=[*TINY, "train.epochs=1", f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}"])
     with caplog.at_level(logging.INFO, logger="makd.experiment"):
         outcome = run_grid(Grid.load(path), progress=False)
     assert set(outcome.results) == {"ce-s0", "makd-s0"} and not outcome.failed
