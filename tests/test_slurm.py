@@ -18,8 +18,6 @@ from safetensors.torch import load_file
 
 from makd.config import ExecutorConfig, load_config
 
-submitit = pytest.importorskip("submitit")
-
 TRAIN = ["data.train_per_class=8", "data.val_per_class=2", "data.test_per_class=2", "data.augment=auto",
          "model.width=4", "model.drop_rate=0.2", "loss.aspect_bce.weight=0", "train.epochs=2", "train.batch_size=4",
          "train.eval_every=1", "train.checkpoint_every_steps=1", "train.threads=1", "train.progress=false",
