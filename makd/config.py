@@ -110,6 +110,10 @@ class TrainConfig(Section):
     sync_bn: bool = Field(False, description="DDP on GPUs: batch-norm statistics over the global batch")
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = Field("makd", description="Weights & Biases project")
+    dist_timeout_min: float = Field(60.0, gt=0, description="DDP: minutes a process may wait in a collective for the "
+                                    "others before the run is aborted. Generous: rank 0 alone validates, tests and "
+                                    "writes checkpoints while the others wait (NCCL's own default, 10 min, can abort a "
+                                    "long evaluation); a crashed rank is still noticed after this long")
 
 
 class GenerateConfig(Section):
@@ -168,6 +172,37 @@ class DetectionConfig(Section):
         "faster_coco_eval", description="COCO mAP: faster-coco-eval on COCO JSON, or torchmetrics in memory")
 
 
+class ExecutorConfig(Section):
+    """Where `makd label --executor` workers run (a grid file's `executor:` has the same keys, for its cells)."""
+
+    name: str = Field("local", description="local (processes on this machine) or slurm (job arrays through submitit)")
+    workers: int = Field(1, ge=1, description="local: processes at a time; labelling: label workers (local processes "
+                         "or Slurm jobs)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
+    batch_seeds: int = Field(1, ge=1, description="experiment: train up to this many seeds of a cell as one batched model")
+    cluster: Literal["slurm", "local", "debug"] | None = Field(
+        None, description="slurm: submitit's cluster (default: slurm when sbatch is installed, else local processes)")
+    folder: str | None = Field(None, description="slurm: job files and logs (default: <grid out>/submitit, or "
+                               "submitit/ beside the label store)")
+    partition: str | None = Field(None, description="slurm: partition")
+    account: str | None = Field(None, description="slurm: account")
+    qos: str | None = Field(None, description="slurm: quality of service")
+    constraint: str | None = Field(None, description="slurm: node features, e.g. a100")
+    time_min: int = Field(240, ge=1, description="slurm: time limit of one job in minutes; a job that reaches it is "
+                          "requeued and resumes from its checkpoint or its missing shards (makd's default, 4 h: "
+                          "within most partitions' limits, short enough to backfill)")
+    max_requeues: int = Field(20, ge=0, description="slurm: requeues on reaching the time limit before a job fails "
+                              "(preemptions do not count)")
+    cpus: int | None = Field(None, ge=1, description="slurm: CPUs per task (process)")
+    gpus: int = Field(0, ge=0, description="slurm: GPUs per node; one process (task) per GPU")
+    mem_gb: float | None = Field(None, gt=0, description="slurm: memory per node in GB")
+    nodes: int = Field(1, ge=1, description="slurm: nodes per job (a training cell: one DDP run over all of them)")
+    tasks_per_node: int | None = Field(None, ge=1, description="slurm: processes per node (default: gpus, at least 1; "
+                                       "1 for a teacher spread over the node's GPUs with teacher.device_map)")
+    array_parallelism: int | None = Field(None, ge=1, description="slurm: jobs of one array running at once "
+                                          "(default: as many as the cluster allows)")
+
+
 class Config(Section):
     task: str = Field("classification", description="what is trained: classification, or detection (a registered "
                       "task, makd/engine/tasks.py)")
@@ -189,6 +224,7 @@ class Config(Section):
     generate: GenerateConfig = GenerateConfig()
     select: SelectConfig = SelectConfig()
     detection: DetectionConfig = DetectionConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
 
 def resolve_path(value: str) -> Path:

@@ -72,7 +72,7 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
-NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
+NOT_TRAINING = ("generate.", "select.", "executor.")  # sections only the question stages and launchers read
 # Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it), or
 # only in float rounding: threads, the memory layout, and the evaluation batch size (batch norm is per image when
 # evaluating); how the C allocator keeps freed memory changes nothing computed. A run resumed with another of these
@@ -80,7 +80,7 @@ NOT_TRAINING = ("generate.", "select.")  # sections only the question stages rea
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
                      "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
                      "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory",
-                     "labels.lease_timeout"}
+                     "labels.lease_timeout", "train.dist_timeout_min"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -118,7 +118,7 @@ class Trainer:
         cfg = config.train
         self.run = Path(config.out)
         self.dist = distributed.from_env()
-        self.device = distributed.init(self.dist, resolve_device(cfg.device))
+        self.device = distributed.init(self.dist, resolve_device(cfg.device), cfg.dist_timeout_min)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.keep_freed_memory:
