@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -239,6 +240,37 @@ def test_label_job_sends_each_file_once_encoded_first_question_alone(photos, que
         assert first["cache"] == "miss" and all(r["arrived"] >= first["answered"] for r in others)
         assert [r["cache"] for r in others] == ["hit"] * (len(QUESTIONS) - 1)
     assert max(r["open"] for r in log) <= 6
+
+
+def test_two_workers_ahead_of_the_server_score_each_shard_once(photos, questions, tmp_path):
+    """Two label workers (threads, ranks 0 and 1) each holding two shards' leases as they submit ahead: every shard
+    written once, every image asked about once, the store complete and right."""
+    many = ImageSplit.concat([photos] * 3, "train")
+    many.sample_ids = [f"{k}/{sid}" for k in range(3) for sid in photos.sample_ids]
+    with ServerProcess(None, tmp_path, "--latency", "0.01") as stub:
+        errors, teachers = [], [teacher(stub.base_url, concurrency=3) for _ in range(2)]
+
+        def worker(rank: int) -> None:
+            try:
+                label_split(many, teachers[rank], questions, tmp_path / "labels", shard_size=2, rank=rank,
+                            world_size=2, progress=False, lease_timeout=2)
+            except Exception as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        log = stub.requests()
+    assert not errors
+    store = LabelStore.open(tmp_path / "labels")
+    assert store.check().complete
+    ids, logodds, _ = store.read()
+    assert ids == many.sample_ids
+    expected, _ = stub_expected([many.encoded(i)[0] for i in range(len(many))], QUESTIONS)
+    np.testing.assert_allclose(logodds, expected, atol=1e-5)
+    assert len(log) == len(many) * len(QUESTIONS)  # no shard scored twice
 
 
 def test_one_window_per_server_and_each_image_on_one_server(tmp_path):
