@@ -289,7 +289,7 @@ def test_one_window_per_server_and_each_image_on_one_server(tmp_path):
         assert max(r["open"] for r in log) == 4
         assert len({r["port"] for r in log}) <= 4  # one set of connections for both calls
     served = [set(by_image(log)) for log in logs]
-    assert served[0] and served[1] and not served[0] & served[1]
+    assert min(map(len, served)) >= 4 and not served[0] & served[1]  # balanced (16 images), none on both
     assert all(len(requests) == len(texts) for log in logs for requests in by_image(log).values())
 
 

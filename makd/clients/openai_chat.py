@@ -7,7 +7,7 @@ background thread that outlives each call, with one window of `concurrency` requ
 prefix (`RequestGroup`, e.g. one image's questions): a group's first request goes alone and the others follow once
 it has answered, so the server's prefix cache (vLLM's block hashes include the image) holds the prefix when they
 arrive; all of a group's requests go to the server that took its first. Servers take new groups as they have room
-(the least busy takes most), so several servers balance themselves. 429, 5xx, timeouts and dropped connections
+(the least loaded first), so several servers balance themselves. 429, 5xx, timeouts and dropped connections
 are retried with exponential backoff (honouring Retry-After). The API key is read from the environment variable
 named by `api_key_env` and is never logged.
 """
@@ -131,11 +131,16 @@ class _Server:
     """One base URL: its connections, requests in flight, and the requests queued for it."""
 
     def __init__(self, url: str, clients: list[Any], window: int) -> None:
-        self.url, self.clients = url, clients
+        self.url, self.clients, self.window = url, clients, window
         self.free = list(range(window))[::-1]  # request slots; slot s uses clients[s // CONNECTIONS_PER_CLIENT]
         self.ready: deque[tuple[_Batch, int, int]] = deque()  # (batch, group, request) whose first has answered
         self.waiting = 0  # requests of groups whose first request is still out
         self.wake = asyncio.Event()
+
+    @property
+    def load(self) -> int:
+        """Requests this server has to answer: in flight, and queued for it."""
+        return self.window - len(self.free) + len(self.ready) + self.waiting
 
 
 class ChatClient:
@@ -257,11 +262,15 @@ class ChatClient:
 
     def _next(self, server: _Server, window: int) -> tuple[_Batch, int, int] | None:
         """A new group's first request while the requests queued for this server are fewer than LOOKAHEAD
-        windows (its answer then comes back before they run out), else the next queued request."""
-        while self._pending and len(server.ready) + server.waiting < LOOKAHEAD * window:
+        windows (its answer then comes back before they run out) and no server has less work, else the next
+        queued request."""
+        while (self._pending and len(server.ready) + server.waiting < LOOKAHEAD * window
+               and server.load <= min(s.load for s in self._servers)):
             batch, g = self._pending.popleft()
             if not batch.done:
                 server.waiting += len(batch.groups[g].templates) - 1
+                for other in self._servers:  # now perhaps the least loaded: its turn to take a group
+                    other.wake.set()
                 return batch, g, 0
         while server.ready:
             item = server.ready.popleft()
