@@ -22,7 +22,8 @@ class InputBatch:
     """One `teacher.score` call's worth of samples: those that loaded, their inputs, and those that did not."""
 
     positions: list[int]  # indices into `split` of the samples of this batch that loaded
-    inputs: dict[str, Any]  # keyword inputs for teacher.score: "images", "classes", "sample_ids" (teachers/base.py)
+    inputs: dict[str, Any]  # keyword inputs for teacher.score: "images", "classes", "sample_ids", "encoded_images",
+    # "image_files" (teachers/base.py)
     failed: list[tuple[int, str]] = field(default_factory=list)  # (index into split, one-line reason)
 
 
@@ -31,16 +32,22 @@ def shard_batches(split: ImageSplit, rows: range, teacher: Teacher, *, workers: 
     wanted = teacher_inputs(teacher)
     for start in range(rows.start, rows.stop, teacher.batch_size):
         batch = range(start, min(start + teacher.batch_size, rows.stop))
-        images, positions, failed = [], [], []
+        images, encoded, positions, failed = [], [], [], []
         for i in batch:
-            if "images" in wanted:
-                try:
+            try:
+                if "images" in wanted:
                     images.append(split.image(i))
-                except MakdError as exc:
-                    failed.append((i, str(exc).splitlines()[0]))
-                    continue
+                if "encoded_images" in wanted:
+                    encoded.append(split.encoded(i))
+            except MakdError as exc:
+                failed.append((i, str(exc).splitlines()[0]))
+                continue
             positions.append(i)
         inputs: dict[str, Any] = {"images": images} if "images" in wanted else {}
+        if "encoded_images" in wanted:
+            inputs["encoded_images"] = encoded
+        if "image_files" in wanted:
+            inputs["image_files"] = [split.image_file(i) for i in positions]
         if "classes" in wanted:
             inputs["classes"] = split.targets[positions]
         if "sample_ids" in wanted:

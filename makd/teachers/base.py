@@ -9,7 +9,11 @@ index into `questions.classes` as `classes=` and an empty image list, so labelli
 {"sample_ids"} passes the samples' ids as `sample_ids=` (the importer of the official JSON looks rows up by id).
 
 Optional hook: `start_shard()`, if a teacher has it, is called by the label job before it scores each shard
-(the `hf` teacher re-checks its shared-prefix path on the shard's first image).
+(the `hf` teacher re-checks its shared-prefix path on the shard's first image). Optional: `submit(...)`, with
+`score`'s arguments, returning an object whose `result()` is the scores (and `cancel()` drops them): the label job
+then submits the next shard before writing the current one (the `openai` teacher keeps its servers' windows full).
+Inputs "encoded_images" (each sample's file bytes and MIME type, `ImageSplit.encoded`) and "image_files" (the file
+holding exactly each sample's image, or None: `ImageSplit.image_file`) serve teachers behind servers.
 """
 
 from __future__ import annotations
