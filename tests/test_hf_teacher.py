@@ -176,8 +176,9 @@ def test_each_path_equals_reference(arch, vlm_folder, reference, images, questio
     suffix is the prompt's last token)."""
     folder = vlm_folder(arch)
     expected = reference(folder, QUESTIONS)
-    # The image must matter and the question must matter, or equality would prove little.
-    assert np.abs(expected[0][0] - expected[0][1]).max() > 1e-2 and expected[0].std(axis=1).min() > 1e-2
+    # The image must matter and the question must matter, or equality would prove little (seeded_init: by 0.27 and
+    # 0.15 at least, in log-odds, whatever transformers' own initialisation does).
+    assert np.abs(expected[0][0] - expected[0][1]).max() > 0.1 and expected[0].std(axis=1).min() > 0.1
     assert ((expected[1] > 0) & (expected[1] < 1)).all()
 
     plain = build_teacher({"name": "hf", "model": folder, "question_batch": 4, "prefix_reuse": "off"})
