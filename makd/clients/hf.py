@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,14 +30,21 @@ class HFModelOptions(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = pydantic.Field(min_length=1)  # hub id or local folder
-    revision: str | None = None  # hub branch, tag or commit
-    gguf_file: str | None = None  # a .gguf file inside `model` (transformers dequantises it on load)
-    trust_remote_code: bool = False  # run the model repository's own code: only when you trust it
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2 (hf teacher: suffixes then batched)
-    chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
+    model: str = pydantic.Field(min_length=1, json_schema_extra=RESULTS, description="hub id or local folder")
+    revision: str | None = pydantic.Field(None, json_schema_extra=RESULTS, description="hub branch, tag or commit")
+    gguf_file: str | None = pydantic.Field(None, json_schema_extra=RESULTS, description="a .gguf file inside `model` "
+                                           "(transformers dequantises it on load)")
+    trust_remote_code: bool = pydantic.Field(False, json_schema_extra=RESULTS, description="run the model "
+                                             "repository's own code: only when you trust it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
+        "auto", json_schema_extra=RESULTS, description="auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION,
+                                 description="auto: this process's GPU when there is one, else the CPU")
+    attn_implementation: str | None = pydantic.Field(None, json_schema_extra=EXECUTION, description="e.g. sdpa, "
+                                                     "eager, flash_attention_2 (hf teacher: suffixes then batched)")
+    chat_template_kwargs: dict[str, Any] = pydantic.Field(
+        default_factory=lambda: {"enable_thinking": False}, json_schema_extra=RESULTS,
+        description="variables for the chat template; enable_thinking=false switches thinking templates off")
 
 
 def resolve_device(device: str) -> str:
@@ -45,6 +55,41 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MakdError(f"teacher.device: {device} requested but no CUDA device is available (use cpu)")
     return device
+
+
+def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained's placement arguments for a model spread over several GPUs by accelerate, for THIS process:
+    one process per group of GPUs. `auto` spreads the model over this process's group: with n processes on the node
+    (LOCAL_WORLD_SIZE under torchrun, SLURM_NTASKS_PER_NODE under srun) and G GPUs visible, local rank r takes GPUs
+    [r G/n, (r+1) G/n) (`gpu_group`); a process alone, or one that sees only its own GPUs (srun --gpus-per-task),
+    takes every GPU it sees. A dict ({module: device}) is used as given."""
+    import torch
+
+    if device_map != "auto" or not torch.cuda.is_available():
+        return {"device_map": device_map}
+    rank, processes = local_process()
+    gpus = gpu_group(rank, processes, torch.cuda.device_count())
+    memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+    return {"device_map": "auto", "max_memory": memory}
+
+
+def gpu_group(local_rank: int, local_processes: int, gpus: int) -> list[int]:
+    """The GPUs of local process `local_rank` of `local_processes`, in equal consecutive groups."""
+    if local_processes > gpus:
+        raise MakdError(f"teacher.device_map: {local_processes} processes on this node but {gpus} GPUs: start one "
+                        "process per group of GPUs (e.g. torchrun --nproc_per_node=<GPUs / GPUs per model>)")
+    size = gpus // local_processes
+    return list(range(local_rank * size, (local_rank + 1) * size))
+
+
+def local_process(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(local rank, processes on this node) as torchrun or srun set them; (0, 1) for a lone process."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if "SLURM_LOCALID" in env:  # SLURM_NTASKS_PER_NODE: "4", or "4(x2),2" for uneven nodes: the first count
+        return int(env["SLURM_LOCALID"]), int(re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", "1")).group())
+    return 0, 1
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

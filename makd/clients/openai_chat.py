@@ -17,6 +17,7 @@ from typing import Any
 
 import pydantic
 
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
 
 log = logging.getLogger("makd")
@@ -28,15 +29,19 @@ class ServerConnection(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    base_url: str = pydantic.Field(pattern=r"^https?://")  # e.g. http://localhost:8000/v1
-    model: str = pydantic.Field(min_length=1)  # the served model's name
-    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the key; unset = no auth header
-    extra_body: dict[str, Any] = pydantic.Field(default_factory=dict)  # e.g. {"chat_template_kwargs": {...}}
-    concurrency: int = pydantic.Field(8, ge=1, le=256)
-    timeout: float = pydantic.Field(120.0, gt=0)  # seconds per request
-    max_retries: int = pydantic.Field(8, ge=0)
-    backoff: float = pydantic.Field(1.0, ge=0)  # first retry delay in seconds, doubled each retry
-    max_backoff: float = pydantic.Field(60.0, ge=0)
+    base_url: str = pydantic.Field(pattern=r"^https?://", json_schema_extra=EXECUTION,
+                                   description="e.g. http://localhost:8000/v1")
+    model: str = pydantic.Field(min_length=1, json_schema_extra=RESULTS, description="the served model's name")
+    api_key_env: str | None = pydantic.Field("OPENAI_API_KEY", json_schema_extra=EXECUTION, description="environment "
+                                             "variable holding the key; unset = no auth header")
+    extra_body: dict[str, Any] = pydantic.Field(default_factory=dict, json_schema_extra=RESULTS,
+                                                description='e.g. {"chat_template_kwargs": {...}}')
+    concurrency: int = pydantic.Field(8, ge=1, le=256, json_schema_extra=EXECUTION, description="requests in flight")
+    timeout: float = pydantic.Field(120.0, gt=0, json_schema_extra=EXECUTION, description="seconds per request")
+    max_retries: int = pydantic.Field(8, ge=0, json_schema_extra=EXECUTION)
+    backoff: float = pydantic.Field(1.0, ge=0, json_schema_extra=EXECUTION,
+                                    description="first retry delay in seconds, doubled each retry")
+    max_backoff: float = pydantic.Field(60.0, ge=0, json_schema_extra=EXECUTION)
 
 
 class ChatClient:

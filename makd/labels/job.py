@@ -21,6 +21,7 @@ from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
 from makd.data.base import per_class_sample
 from makd.errors import MakdError
+from makd.labels.inputs import shard_batches
 from makd.labels.store import (
     FORMAT,
     IDENTITY_KEYS,
@@ -33,7 +34,8 @@ from makd.labels.store import (
 )
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.base import AspectScores, Teacher, provenance, teacher_inputs
+from makd.teachers.answers import warn_low_mass
+from makd.teachers.base import AspectScores, Teacher, provenance
 
 
 def samples_by_split(config: Config, uncapped: tuple[str, ...] = ()) -> dict[str, ImageSplit]:
@@ -108,7 +110,8 @@ def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, ove
                         f"the dataset has {split.class_names[:3]}...")
     teacher = build_teacher(config.teacher)
     return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
-                       rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress)
+                       rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress,
+                       workers=config.data.num_workers)
 
 
 def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard_size: int) -> dict[str, Any]:
@@ -144,8 +147,9 @@ def _start_or_resume(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
 
 def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out: str | Path, *,
                 shard_size: int = 512, rank: int = 0, world_size: int = 1, overwrite: bool = False,
-                progress: bool = True) -> LabelStore:
-    """Score every sample of `split` with `teacher`, writing shards this worker owns; skip finished ones."""
+                progress: bool = True, workers: int = 0) -> LabelStore:
+    """Score every sample of `split` with `teacher`, writing shards this worker owns; skip finished ones. The
+    teacher's inputs are made by `workers` DataLoader processes ahead of it (makd/labels/inputs.py)."""
     if not 0 <= rank < world_size:
         raise MakdError(f"shard {rank}/{world_size}: rank must be in [0, {world_size})")
     out = Path(out)
@@ -155,29 +159,26 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
     remove_stale_temporaries(out)  # of killed writers; those of live workers stay
     todo = [i for i in store.missing_shards() if i % world_size == rank]
     total = sum(min(shard_size, len(split) - i * shard_size) for i in todo)
-    inputs = teacher_inputs(teacher)
     with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
         for index in todo:
             if hasattr(teacher, "start_shard"):  # optional hook (teachers/base.py)
                 teacher.start_shard()
             rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))
             parts: list[AspectScores] = []
-            for start in range(rows.start, rows.stop, teacher.batch_size):
-                batch = range(start, min(start + teacher.batch_size, rows.stop))
-                extra: dict[str, Any] = {}
-                if "classes" in inputs:
-                    extra["classes"] = split.targets[start:batch.stop]
-                if "sample_ids" in inputs:
-                    extra["sample_ids"] = split.sample_ids[start:batch.stop]
-                scores = teacher.score(split.images(batch) if "images" in inputs else [], questions, **extra)
-                if scores.logodds.shape != (len(batch), len(questions)):
+            for batch in shard_batches(split, rows, teacher, workers=workers):
+                if batch.failed:  # the leases branch records and skips them; here, as before, they stop the job
+                    raise MakdError(batch.failed[0][1])
+                scores = teacher.score(batch.inputs.pop("images", []), questions, **batch.inputs)
+                if scores.logodds.shape != (len(batch.positions), len(questions)):
                     raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
-                                       f"for {len(batch)} images x {len(questions)} questions")
+                                       f"for {len(batch.positions)} images x {len(questions)} questions")
                 parts.append(scores)
-                bar.update(len(batch))
+                bar.update(len(batch.positions))
             flags = np.concatenate([p.flags for p in parts]) if parts[0].flags is not None else None
+            mass = np.concatenate([p.mass for p in parts])
+            warn_low_mass(mass, questions.ids, f"shard {index}")
             table = shard_table([split.sample_ids[i] for i in rows], np.concatenate([p.logodds for p in parts]),
-                                np.concatenate([p.mass for p in parts]), flags)
+                                mass, flags)
             problems = store.validate_rows([(index, table)])[1]
             if problems:
                 raise MakdError(f"teacher {teacher.name} returned targets a label store cannot hold (not written): "

@@ -26,6 +26,7 @@ from PIL import Image
 
 from makd.clients.hf import chat_messages
 from makd.clients.openai_chat import ChatClient, ServerConnection
+from makd.effects import EXECUTION, RESULTS, results_options
 from makd.questions import QuestionSet
 from makd.teachers.answers import (
     NO_BOUNDED,
@@ -45,11 +46,8 @@ FLAGS = {f"flags & {YES_BOUNDED}": "no Yes variant in the top-k: ly is the k-th 
 class ServerOptions(ServerConnection, PromptOptions):
     """A teacher behind a server."""
 
-    top_logprobs: int = pydantic.Field(20, ge=1, le=1000)  # hosted OpenAI caps it at 20; vLLM at --max-logprobs
-
-    # Where the server is and how hard to push it never changes the answers.
-    EXECUTION_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "base_url", "api_key_env", "concurrency", "timeout",
-                                                 "max_retries", "backoff", "max_backoff")
+    top_logprobs: int = pydantic.Field(20, ge=1, le=1000, json_schema_extra=RESULTS,
+                                       description="hosted OpenAI caps it at 20; vLLM at --max-logprobs")
 
 
 def data_url(image: Image.Image, fmt: str) -> str:
@@ -76,7 +74,7 @@ def server_describe(o: ServerOptions, name: str) -> dict[str, Any]:
         "formula": "ly = logsumexp of the top-k logprobs whose token string is a Yes variant (the k-th logprob "
                    "when none is), ln likewise; logodds = ly - ln; mass = exp(ly) + exp(ln)",
         "flags": FLAGS,
-        "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY)),
+        "options": results_options(o),
     }
 
 
@@ -87,8 +85,8 @@ class OpenAITeacher:
     name: ClassVar[str] = "openai"
 
     class Options(ServerOptions):
-        batch_size: int = pydantic.Field(16, ge=1)  # images per score() call
-        image_format: Literal["png", "jpeg"] = "png"
+        batch_size: int = pydantic.Field(16, ge=1, json_schema_extra=EXECUTION, description="images per score() call")
+        image_format: Literal["png", "jpeg"] = pydantic.Field("png", json_schema_extra=RESULTS)
 
     def __init__(self, options: Options) -> None:
         self.options = options
