@@ -24,6 +24,7 @@ from conftest import REPO, make_question_set, question_set
 from PIL import Image
 from support.random_models import ARCHITECTURES, VARIANTS, save_random_lm, save_random_vlm
 
+from makd.clients.hf import gpu_group, local_process
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 from makd.questions import QuestionSet
@@ -425,6 +426,27 @@ def test_out_of_memory_retries_smaller_and_keeps_reuse(error, vlm_folder, refere
     limit["tails"] = 0
     with pytest.raises(MakdError, match="teacher: out of memory scoring one image of .* with one question per forward"):
         teacher.score(images[:1], questions)
+
+
+def test_device_map_places_the_weights(vlm_folder, images, questions):
+    """accelerate's placement (here every module on the CPU, the only device): the same answers as a model moved
+    to one device, inputs sent to the input embeddings' device."""
+    folder = vlm_folder("llava")
+    one = build_teacher({"name": "hf", "model": folder, "check_reuse": False}).score(images, questions)
+    for device_map in ({"": "cpu"}, "auto"):
+        placed = build_teacher({"name": "hf", "model": folder, "device_map": device_map, "check_reuse": False})
+        np.testing.assert_allclose(placed.score(images, questions).logodds, one.logodds, atol=1e-6)
+        assert placed.adapter.device.type == "cpu" and {p.device.type for p in placed.model.parameters()} == {"cpu"}
+
+
+def test_one_process_per_group_of_gpus():
+    assert gpu_group(0, 4, 8) == [0, 1] and gpu_group(3, 4, 8) == [6, 7]
+    assert gpu_group(0, 1, 8) == list(range(8)) and gpu_group(1, 3, 8) == [2, 3]
+    with pytest.raises(MakdError, match="teacher.device_map: 3 processes on this node but 2 GPUs"):
+        gpu_group(0, 3, 2)
+    assert local_process({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}) == (2, 4)  # torchrun
+    assert local_process({"SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x3)"}) == (1, 2)  # srun
+    assert local_process({}) == (0, 1)
 
 
 def test_processor_labels_are_dropped(vlm_folder, images, questions):

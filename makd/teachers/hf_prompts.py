@@ -23,6 +23,7 @@ from PIL import Image
 from makd.clients.hf import adds_special_tokens, chat_messages, common_prefix_length, template_kwargs
 from makd.teachers.answers import PromptOptions
 from makd.teachers.hf_adapter import per_token
+from makd.transport import pack, unpack
 
 QUESTION_SLOT = "\x00makd-question\x00"  # rendered in place of the question to find where the head ends
 
@@ -42,21 +43,50 @@ class PromptPlan:
 
 @dataclass
 class PreparedImages:
-    """A batch of images as the model takes them: RGB, and the prompt head of each through the processor
-    (left-padded rows, pixel tensors as the processor batches them). `head` is None when the teacher's prompts do
-    not split (every pair is then processed in full)."""
+    """A batch of images as the model takes them: their RGB pixels, and the prompt head of each through the
+    processor (left-padded rows, pixel tensors as the processor batches them). `head` is None when the teacher's
+    prompts do not split (every pair is then processed in full).
 
-    images: list[Image.Image]
+    Sent from a DataLoader worker as ONE shared-memory buffer (`__reduce__`): each tensor sent separately costs a
+    round trip to the worker, and pickled images go through a pipe in small writes; both wait for the busy worker."""
+
+    pixels: list[np.ndarray]  # [H, W, 3] uint8 per image
     head: dict[str, Any] | None
 
+    @classmethod
+    def of(cls, images: Sequence[Image.Image], head: dict[str, Any] | None) -> PreparedImages:
+        return cls([np.array(img.convert("RGB") if img.mode != "RGB" else img) for img in images], head)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The images as PIL (for the processor on full prompts: the reuse check, a batch retried in halves)."""
+        return [Image.fromarray(p) for p in self.pixels]
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels)
 
     def pin_memory(self) -> PreparedImages:
         """Page-locked head tensors (DataLoader's pin_memory thread calls this): faster copies to a GPU."""
         head = None if self.head is None else {k: v.pin_memory() if hasattr(v, "pin_memory") else v
                                                for k, v in self.head.items()}
-        return PreparedImages(self.images, head)
+        return PreparedImages(self.pixels, head)
+
+    def __reduce__(self) -> tuple:
+        import torch
+
+        head = self.head or {}
+        keys = [k for k, v in head.items() if isinstance(v, torch.Tensor)]
+        others = {k: v for k, v in head.items() if k not in keys}
+        buffer, layout = pack([torch.from_numpy(p) for p in self.pixels] + [head[k] for k in keys])
+        return unpack_prepared, (buffer, layout, len(self.pixels), keys, others if self.head is not None else None)
+
+
+def unpack_prepared(buffer: Any, layout: list, images: int, keys: list[str],
+                    others: dict[str, Any] | None) -> PreparedImages:
+    """PreparedImages whose arrays are views of one buffer (the inverse of `PreparedImages.__reduce__`)."""
+    tensors = unpack(buffer, layout)
+    head = None if others is None else {**dict(zip(keys, tensors[images:])), **others}
+    return PreparedImages([t.numpy() for t in tensors[:images]], head)
 
 
 @dataclass(frozen=True)
@@ -70,10 +100,10 @@ class HeadPreparer:
     def __call__(self, images: Sequence[Image.Image]) -> PreparedImages:
         rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
         if self.head is None or not rgb:
-            return PreparedImages(rgb, None)
+            return PreparedImages.of(rgb, None)
         batch = self.processor(text=[self.head] * len(rgb), images=[[img] for img in rgb], return_tensors="pt",
                                padding=True, add_special_tokens=self.add_special_tokens)
-        return PreparedImages(rgb, dict(batch))
+        return PreparedImages.of(rgb, dict(batch))
 
 
 class PromptPlanner:

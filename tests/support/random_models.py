@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # Words the BPE tokenizer is trained on: answer words (so "Yes", " Yes", "no"... are single tokens) and the
 # vocabulary of typical aspect questions.
@@ -95,10 +95,13 @@ CHAT_TEMPLATES = {
 }
 
 
-def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: bool = True) -> Any:
-    """A byte-level BPE tokenizer trained on `CORPUS` — or `base`, a real tokenizer (the benchmark uses SmolLM2's,
-    as SmolVLM does) — with the architecture's special tokens and chat template; `pad=False`: no pad token, as
-    Llama- and Mistral-family tokenizers ship."""
+def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: bool = True,
+                    style: Literal["bpe", "metaspace"] = "bpe") -> Any:
+    """A tokenizer trained on `CORPUS` — or `base`, a real tokenizer (the benchmark uses SmolLM2's, as SmolVLM does)
+    — with the architecture's special tokens and chat template; `pad=False`: no pad token, as Llama- and
+    Mistral-family tokenizers ship. `style`: byte-level BPE (GPT-2, Qwen, SmolLM), or SentencePiece-style BPE with a
+    metaspace pre-tokenizer (Llama 2, Mistral, Gemma: a word-start piece "▁" before words, so "yes" after a newline
+    and "yes" at the start of a string are different tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -111,16 +114,24 @@ def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: boo
         base.chat_template = CHAT_TEMPLATES[arch]
         base.pad_token = base.pad_token or "<pad>"
         return base
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if style == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        extra = {}
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet, extra = [], {"unk_token": "<unk>"}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*extra.values(), *SPECIAL_TOKENS],
+                                  show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator([CORPUS] * 3, trainer)
     eos = "<eos>" if arch in ("gemma3", "paligemma") else "<|im_end|>"
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token=eos, pad_token="<pad>" if pad else None,
-        extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16)
+        extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16, **extra)
 
 
 def _text(tok: Any, **overrides: Any) -> dict[str, Any]:
@@ -392,15 +403,15 @@ ARCHITECTURES = (*BUILDERS, *(v for v in VARIANTS if v not in BUILDERS))
 
 
 def build_random_vlm(arch: str, *, text: dict | None = None, vision: dict | None = None, image: int | None = None,
-                     seed: int = 0, tokenizer: Any = None) -> tuple[Any, Any]:
+                     seed: int = 0, tokenizer: Any = None, std: float | None = None) -> tuple[Any, Any]:
     """(model, processor) of `arch` (an architecture or a variant) with `seeded_init`'s weights; `text`/`vision`
-    override the sizes."""
+    override the sizes (wider models want a smaller `std`: 0.02 as released models are initialised)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
     base, overrides, pad = VARIANTS.get(arch, (arch, {}, True))
     tok = tokenizer or build_tokenizer(base, pad=pad)
     model, processor = BUILDERS[base](tok, {**overrides, **(text or {})}, vision or {}, image or IMAGE_SIZES.get(base, 32))
-    return seeded_init(model, tok.encode(PROBE, add_special_tokens=False), seed), processor
+    return seeded_init(model, tok.encode(PROBE, add_special_tokens=False), seed, std or WEIGHT_STD), processor
 
 
 def seeded_init(model: Any, probe: list[int], seed: int = 0, std: float = WEIGHT_STD,
@@ -436,11 +447,12 @@ def save_random_vlm(arch: str, folder: str | Path, **kwargs: Any) -> Path:
     return folder
 
 
-def save_random_lm(folder: str | Path, *, seed: int = 0, pad: bool = True, **text: Any) -> Path:
+def save_random_lm(folder: str | Path, *, seed: int = 0, pad: bool = True, style: Literal["bpe", "metaspace"] = "bpe",
+                   **text: Any) -> Path:
     """A random Llama-architecture causal LM with the same tokenizer (ChatML template), for the text teacher."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer("qwen2_vl", pad=pad)
+    tok = build_tokenizer("qwen2_vl", pad=pad, style=style)
     model = seeded_init(LlamaForCausalLM(LlamaConfig(**_text(tok, **text))), tok.encode(PROBE, add_special_tokens=False),
                         seed)
     folder = Path(folder)
