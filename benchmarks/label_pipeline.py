@@ -136,15 +136,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--model", choices=("tiny", "smollm2"), help="the language model and vision tower: tiny "
                         "(default on CPUs) or SmolLM2-135M's shape with a scaled-down SigLIP (default on GPUs)")
     parser.add_argument("--layers", type=int, help="language-model depth (default: the model's)")
     parser.add_argument("--tile", type=int, help="tile side in pixels (a 512 px photo becomes 2 x 2 tiles + a global "
                         "view; default 128 for tiny, 256 for smollm2)")
-    parser.add_argument("--batch-size", type=int, default=4, help="teacher.batch_size: images per prefill")
-    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="teacher.batch_size: images per prefill")
+    parser.add_argument("--shard-size", type=int, default=256, help="labels.shard_size (512 by default in makd)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the label job")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from conftest import REPO, make_question_set, question_set
 from PIL import Image
 from support.random_models import ARCHITECTURES, VARIANTS, save_random_lm, save_random_vlm
 
-from makd.clients.hf import gpu_group, local_process
+from makd.clients.hf import gpu_group, node_layout
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split
 from makd.questions import QuestionSet
@@ -320,7 +320,8 @@ def test_answer_tokens_metadata_and_resume(vlm_folder, fmnist_test, tmp_path):
 
     split = fmnist_test.subset(np.arange(5), "part")
     qs = make_question_set(split.class_names, n=3)
-    store = label_split(split, teacher, qs, tmp_path / "s", shard_size=2, rank=1, world_size=2, progress=False)
+    store = label_split(split, teacher, qs, tmp_path / "s", shard_size=2, rank=1, world_size=2, progress=False,
+                        share_only=True)
     assert store.missing_shards() == [0, 2]
     meta = json.loads((tmp_path / "s" / "labels.json").read_text())
     assert meta["teacher"]["answer_tokens"] == answers and meta["teacher"]["dtype"] == "float32"
@@ -350,7 +351,7 @@ def test_reuse_is_checked_on_the_first_image_of_every_shard(vlm_folder, fmnist_t
     # Shards of 3, 3 and 1 images: batches [1, 2], [1, 2], [1]; the checked images are scored both ways.
     assert counters["prefill_forwards"] == 5 and counters["pairs_forwards"] == 3
     assert counters["shared_images"] == 7 and counters["plain_images"] == 0
-    assert caplog.text.count("mean answer mass") == 3 and "shard 2: mean answer mass" in caplog.text
+    assert caplog.text.count("mean answer mass") == 3 and "shard-00002.parquet: mean answer mass" in caplog.text
 
 
 def test_thinking_is_switched_off(vlm_folder):
@@ -440,13 +441,14 @@ def test_device_map_places_the_weights(vlm_folder, images, questions):
 
 
 def test_one_process_per_group_of_gpus():
-    assert gpu_group(0, 4, 8) == [0, 1] and gpu_group(3, 4, 8) == [6, 7]
+    assert gpu_group(0, 4, 8) == [0, 1] and gpu_group(3, 4, 8) == [6, 7]  # torchrun --nproc_per_node=4, 8 GPUs
     assert gpu_group(0, 1, 8) == list(range(8)) and gpu_group(1, 3, 8) == [2, 3]
+    assert gpu_group(1, 2, 2, own=True) == [0, 1]  # srun --gpus-per-task=2: a task sees its own two
     with pytest.raises(MakdError, match="teacher.device_map: 3 processes on this node but 2 GPUs"):
         gpu_group(0, 3, 2)
-    assert local_process({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}) == (2, 4)  # torchrun
-    assert local_process({"SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x3)"}) == (1, 2)  # srun
-    assert local_process({}) == (0, 1)
+    assert node_layout(8, {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}) == (4, 8, False)
+    assert node_layout(2, {"SLURM_NTASKS_PER_NODE": "2(x3)", "SLURM_GPUS_PER_TASK": "2"}) == (2, 2, True)
+    assert node_layout(4, {}) == (1, 4, False)
 
 
 def test_processor_labels_are_dropped(vlm_folder, images, questions):

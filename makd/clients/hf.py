@@ -19,6 +19,7 @@ import pydantic
 
 from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
+from makd.launchers import device_for_process, from_env
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a hub model id looks like (a path with more parts does not)
@@ -47,34 +48,31 @@ class HFModelOptions(pydantic.BaseModel):
         description="variables for the chat template; enable_thinking=false switches thinking templates off")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MakdError(f"teacher.device: {device} requested but no CUDA device is available (use cpu)")
-    return device
+def resolve_device(device: str, option: str = "teacher.device") -> str:
+    """auto/cuda: this process's own GPU (cuda:<local rank> under torchrun, srun or a local worker pool), else the
+    CPU; an explicit cuda:<i>, cpu or mps as written."""
+    return device_for_process(device, option)
 
 
 def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
     """from_pretrained's placement arguments for a model spread over several GPUs by accelerate, for THIS process:
-    one process per group of GPUs. `auto` spreads the model over this process's group: with n processes on the node
-    (LOCAL_WORLD_SIZE under torchrun, SLURM_NTASKS_PER_NODE under srun) and G GPUs visible, local rank r takes GPUs
-    [r G/n, (r+1) G/n) (`gpu_group`); a process alone, or one that sees only its own GPUs (srun --gpus-per-task),
-    takes every GPU it sees. A dict ({module: device}) is used as given."""
+    one process per group of GPUs. `auto` spreads the model over this process's group (`gpu_group`); a dict
+    ({module: device}) is used as given."""
     import torch
 
     if device_map != "auto" or not torch.cuda.is_available():
         return {"device_map": device_map}
-    rank, processes = local_process()
-    gpus = gpu_group(rank, processes, torch.cuda.device_count())
+    gpus = gpu_group(from_env().local_rank, *node_layout(torch.cuda.device_count()))
     memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
     return {"device_map": "auto", "max_memory": memory}
 
 
-def gpu_group(local_rank: int, local_processes: int, gpus: int) -> list[int]:
-    """The GPUs of local process `local_rank` of `local_processes`, in equal consecutive groups."""
+def gpu_group(local_rank: int, local_processes: int, gpus: int, own: bool = False) -> list[int]:
+    """The GPUs of local process `local_rank` of `local_processes` that see `gpus` GPUs: equal consecutive groups
+    (torchrun's 4 processes on 8 GPUs take 2 each), or every GPU it sees when they are its `own` (a Slurm task
+    given its GPUs with --gpus-per-task sees only those)."""
+    if own or local_processes == 1:
+        return list(range(gpus))
     if local_processes > gpus:
         raise MakdError(f"teacher.device_map: {local_processes} processes on this node but {gpus} GPUs: start one "
                         "process per group of GPUs (e.g. torchrun --nproc_per_node=<GPUs / GPUs per model>)")
@@ -82,14 +80,16 @@ def gpu_group(local_rank: int, local_processes: int, gpus: int) -> list[int]:
     return list(range(local_rank * size, (local_rank + 1) * size))
 
 
-def local_process(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(local rank, processes on this node) as torchrun or srun set them; (0, 1) for a lone process."""
+def node_layout(gpus: int, env: Mapping[str, str] | None = None) -> tuple[int, int, bool]:
+    """(processes on this node, GPUs this process sees, whether they are its own) from the launcher's variables:
+    torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE ("4", or "4(x2),2" on uneven nodes: the first) and
+    SLURM_GPUS_PER_TASK (GPUs bound to each task), submitit's local SUBMITIT_LOCAL_NTASKS; one process otherwise."""
     env = os.environ if env is None else env
-    if "LOCAL_RANK" in env:
-        return int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", "1"))
-    if "SLURM_LOCALID" in env:  # SLURM_NTASKS_PER_NODE: "4", or "4(x2),2" for uneven nodes: the first count
-        return int(env["SLURM_LOCALID"]), int(re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", "1")).group())
-    return 0, 1
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SUBMITIT_LOCAL_NTASKS"):
+        count = re.match(r"\d+", env.get(name, ""))
+        if count:
+            return int(count.group()), gpus, bool(env.get("SLURM_GPUS_PER_TASK"))
+    return 1, gpus, False
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -73,7 +73,7 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
-NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
+NOT_TRAINING = ("generate.", "select.", "executor.")  # sections only the question stages and launchers read
 # The keys marked EXECUTION in the config (makd/effects.py): what a run computes does not depend on them (checkpoint
 # frequency included: tests/test_trainer.py proves it), or only in float rounding (threads, the memory layout, the
 # evaluation batch size: batch norm is per image when evaluating), or how the C allocator keeps freed memory. A run
@@ -116,7 +116,7 @@ class Trainer:
         cfg = config.train
         self.run = Path(config.out)
         self.dist = distributed.from_env()
-        self.device = distributed.init(self.dist, resolve_device(cfg.device))
+        self.device = distributed.init(self.dist, resolve_device(cfg.device), cfg.dist_timeout_min)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.keep_freed_memory:

@@ -7,8 +7,8 @@ by the same code. Batches come in order, `teacher.batch_size` samples each (a sh
 `teacher.first_batch_size` if the teacher has it), with the inputs it declares (teachers/base.py).
 
 A sample that cannot be read (a corrupt or truncated file, one that is not an image, one the teacher's processor
-rejects) is not fatal: it is reported in `InputBatch.failed` with a one-line reason, and the rest of its batch is
-scored.
+rejects) is not fatal: it is reported in `InputBatch.failed` with a one-line reason, the label store records it as
+skipped, and the rest of its batch is scored.
 """
 
 from __future__ import annotations

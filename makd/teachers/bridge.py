@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from makd import embeddings
 from makd.effects import EXECUTION, RESULTS, results_options
+from makd.launchers import device_for_process
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 from makd.teachers.registry import TEACHERS
@@ -66,7 +67,8 @@ class BridgeTeacher:
                                          description="images per score() call (the caller chunks)")
         forward_batch: int = pydantic.Field(4, ge=1, json_schema_extra=EXECUTION,
                                             description="images per network pass; small is fastest on CPU")
-        device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION)
+        device: str = pydantic.Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION,
+                                     description="auto/cuda: this process's GPU")
         vocabulary: Literal["dataset", "imagenet"] = pydantic.Field("dataset", json_schema_extra=RESULTS)
         neighbours: int = pydantic.Field(3, ge=1, le=1000, json_schema_extra=RESULTS,
                                          description="ImageNet classes kept per dataset class")
@@ -77,6 +79,7 @@ class BridgeTeacher:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
         self.batch_size = self.options.batch_size
+        self.device = device_for_process(self.options.device, "teacher.device")  # one GPU per process
         self._image_model: Any = None
         self._class_embeddings: np.ndarray | None = None
         self._relevance: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -161,7 +164,7 @@ class BridgeTeacher:
         batch = torch.from_numpy(np.stack([preprocess(img, o.image_size, o.invert, o.margin) for img in images]))
         # channels_last: faster depthwise convolutions on CPU. Small forward batches: on 2 CPU cores a batch of 4
         # runs ~3x more images/s than a batch of 64, whose activations no longer fit in the caches.
-        batch = batch.to(o.device).contiguous(memory_format=torch.channels_last)
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             logits = [self.image_model(batch[i : i + o.forward_batch]) for i in range(0, len(batch), o.forward_batch)]
         return torch.cat(logits).float().cpu().numpy()
@@ -187,7 +190,7 @@ class BridgeTeacher:
     @property
     def image_model(self) -> Any:
         if self._image_model is None:
-            self._image_model = load_image_model(self.options.image_size, self.options.device)
+            self._image_model = load_image_model(self.options.image_size, self.device)
         return self._image_model
 
     @property
@@ -196,11 +199,12 @@ class BridgeTeacher:
         if self._class_embeddings is None:
             prompt = PROMPTS[self.options.prompt]
             names, glosses = imagenet_classes()
-            self._class_embeddings = self.encode([prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)])
+            texts = [prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)]
+            self._class_embeddings = embeddings.encode(texts, self.options.device, cached=True)
         return self._class_embeddings
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return embeddings.encode(texts, self.options.device)
+        return embeddings.encode(texts, self.device)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------------
