@@ -41,6 +41,7 @@ def vlm(tmp_path_factory):
     return str(save_random_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl")))
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_worker_batches_equal_in_process_ones(jpeg_split, vlm, tmp_path):
     teacher = build_teacher({"name": "hf", "model": vlm, "batch_size": 3})
     in_process = list(shard_batches(jpeg_split, range(0, 7), teacher))
@@ -60,6 +61,7 @@ def test_worker_batches_equal_in_process_ones(jpeg_split, vlm, tmp_path):
     np.testing.assert_allclose(LabelStore.open(tmp_path / "s").read()[1], direct, atol=1e-5)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_unreadable_and_rejected_samples_are_reported(jpeg_split, vlm, tmp_path):
     """A truncated JPEG fails decoding; a 1 x 300 px strip fails Qwen2-VL's processor (aspect ratio over 200):
     each is reported with a one-line reason, and the other samples of their batches are prepared."""
@@ -79,6 +81,7 @@ def test_unreadable_and_rejected_samples_are_reported(jpeg_split, vlm, tmp_path)
     assert [len(b.inputs["images"]) for b in batches] == [2, 2, 1]
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_class_level_teachers_never_decode_images(jpeg_split, tmp_path):
     """The text teacher takes class indices: a corrupt image file is never opened, so it is no failure."""
     paths = list(jpeg_split.paths)

@@ -74,19 +74,17 @@ class TransformersAdapter:
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def load(cls, options: HFModelOptions, dtype: str, device: str, device_map: Any = None) -> TransformersAdapter:
-        """Weights on `device`, or spread over devices by accelerate (`device_map`: "auto", a dict, or the
-        keyword arguments `clients.hf.device_map_kwargs` made for this process's GPUs)."""
+    def load(cls, options: HFModelOptions, dtype: str, device: str,
+             placement: Mapping[str, Any] | None = None) -> TransformersAdapter:
+        """Weights on `device`, or spread over devices by accelerate (`placement`: from_pretrained's device_map and
+        max_memory arguments for this process, `clients.hf.device_map_kwargs`)."""
         from transformers import AutoModelForImageTextToText
 
-        kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), **(placement or {})}
         if options.attn_implementation:
             kwargs["attn_implementation"] = options.attn_implementation
-        if device_map is not None:
-            kwargs.update(device_map if isinstance(device_map, Mapping) and "device_map" in device_map
-                          else {"device_map": device_map})
         model = load_pretrained(AutoModelForImageTextToText, options, "model", **kwargs)
-        return cls((model if device_map is not None else model.to(device)).eval())
+        return cls((model if placement else model.to(device)).eval())
 
     @property
     def config(self) -> Any:
