@@ -214,6 +214,3 @@ class BatchedBackend(PrefixBackend):
             self.counts[self.name] += 1
             out.append(self._scores(logits))
         return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
-
-
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (PlainBackend, PackedBackend, BatchedBackend)}
