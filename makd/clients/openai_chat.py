@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import pydantic
 
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
 
 log = logging.getLogger("makd")
@@ -51,15 +52,21 @@ class ServerConnection(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    base_url: str | list[str]  # e.g. http://localhost:8000/v1, or a list (one server per GPU) to balance over
-    model: str = pydantic.Field(min_length=1)  # the served model's name
-    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the key; unset = no auth header
-    extra_body: dict[str, Any] = pydantic.Field(default_factory=dict)  # e.g. {"chat_template_kwargs": {...}}
-    concurrency: int = pydantic.Field(256, ge=1, le=8192)  # requests in flight per server (vLLM batches hundreds)
-    timeout: float = pydantic.Field(300.0, gt=0)  # seconds per request, time queued in the server included
-    max_retries: int = pydantic.Field(8, ge=0)
-    backoff: float = pydantic.Field(1.0, ge=0)  # first retry delay in seconds, doubled each retry
-    max_backoff: float = pydantic.Field(60.0, ge=0)
+    base_url: str | list[str] = pydantic.Field(json_schema_extra=EXECUTION, description="e.g. http://localhost:8000/v1, "
+                                               "or a list (one server per GPU) to balance over")
+    model: str = pydantic.Field(min_length=1, json_schema_extra=RESULTS, description="the served model's name")
+    api_key_env: str | None = pydantic.Field("OPENAI_API_KEY", json_schema_extra=EXECUTION, description="environment "
+                                             "variable holding the key; unset = no auth header")
+    extra_body: dict[str, Any] = pydantic.Field(default_factory=dict, json_schema_extra=RESULTS,
+                                                description='e.g. {"chat_template_kwargs": {...}}')
+    concurrency: int = pydantic.Field(256, ge=1, le=8192, json_schema_extra=EXECUTION,
+                                      description="requests in flight per server (vLLM batches hundreds)")
+    timeout: float = pydantic.Field(300.0, gt=0, json_schema_extra=EXECUTION,
+                                    description="seconds per request, time queued in the server included")
+    max_retries: int = pydantic.Field(8, ge=0, json_schema_extra=EXECUTION)
+    backoff: float = pydantic.Field(1.0, ge=0, json_schema_extra=EXECUTION,
+                                    description="first retry delay in seconds, doubled each retry")
+    max_backoff: float = pydantic.Field(60.0, ge=0, json_schema_extra=EXECUTION)
 
     @pydantic.field_validator("base_url")
     @classmethod

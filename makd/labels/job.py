@@ -27,6 +27,7 @@ from makd.labels.store import LabelStore, Skipped, shard_name
 from makd.labels.writer import LabelWriter
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
+from makd.teachers.answers import warn_low_mass
 from makd.teachers.base import AspectScores, Teacher, provenance
 
 log = logging.getLogger("makd.labels")
@@ -190,10 +191,11 @@ class _Shard:
                         len(self.skipped), *next(iter(self.skipped.items())))
         q = len(questions)
         flags = np.concatenate([p.flags for p in parts]) if parts and parts[0].flags is not None else None
+        mass = np.concatenate([p.mass for p in parts]) if parts else np.zeros((0, q), np.float32)
+        warn_low_mass(mass, questions.ids, shard_name(self.index))
         writer.write_shard(self.index, [split.sample_ids[i] for i in done],
                            np.concatenate([p.logodds for p in parts]) if parts else np.zeros((0, q), np.float32),
-                           np.concatenate([p.mass for p in parts]) if parts else np.zeros((0, q), np.float32),
-                           flags, self.skipped)
+                           mass, flags, self.skipped)
 
 
 def _checked(scores: AspectScores, teacher: Teacher, positions: list[int], questions: QuestionSet,

@@ -41,6 +41,7 @@ from makd.clients.openai_chat import (
     wait,
 )
 from makd.data.base import image_errors, png_bytes, sent_as_is
+from makd.effects import EXECUTION, RESULTS, results_options
 from makd.errors import MakdError
 from makd.questions import QuestionSet
 from makd.teachers.answers import (
@@ -61,11 +62,8 @@ FLAGS = {f"flags & {YES_BOUNDED}": "no Yes variant in the top-k: ly is the k-th 
 class ServerOptions(ServerConnection, PromptOptions):
     """A teacher behind a server."""
 
-    top_logprobs: int = pydantic.Field(20, ge=1, le=1000)  # hosted OpenAI caps it at 20; vLLM at --max-logprobs
-
-    # Where the server is and how hard to push it never changes the answers.
-    EXECUTION_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "base_url", "api_key_env", "concurrency", "timeout",
-                                                 "max_retries", "backoff", "max_backoff", "image_transport")
+    top_logprobs: int = pydantic.Field(20, ge=1, le=1000, json_schema_extra=RESULTS,
+                                       description="hosted OpenAI caps it at 20; vLLM at --max-logprobs")
 
 
 def data_url_json(data: bytes, mime: str) -> bytes:
@@ -90,7 +88,7 @@ def server_describe(o: ServerOptions, name: str) -> dict[str, Any]:
         "formula": "ly = logsumexp of the top-k logprobs whose token string is a Yes variant (the k-th logprob "
                    "when none is), ln likewise; logodds = ly - ln; mass = exp(ly) + exp(ln)",
         "flags": FLAGS,
-        "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY)),
+        "options": results_options(o),
     }
 
 
@@ -115,8 +113,12 @@ class OpenAITeacher:
     name: ClassVar[str] = "openai"
 
     class Options(ServerOptions):
-        batch_size: int = pydantic.Field(512, ge=1)  # images per score() call; the window drains once per call
-        image_transport: Literal["data_url", "file_url"] = "data_url"  # file_url: the server reads the file
+        batch_size: int = pydantic.Field(512, ge=1, json_schema_extra=EXECUTION,
+                                         description="images per score() call; the window drains once per call")
+        image_transport: Literal["data_url", "file_url"] = pydantic.Field(
+            "data_url", json_schema_extra=EXECUTION, description="data_url: each image's file bytes, base64, in the "
+            "requests; file_url: a file:// URL the server reads itself (it must see the same files: vLLM's "
+            "--allowed-local-media-path) — the same bytes either way, so the same answers")
 
     def __init__(self, options: Options) -> None:
         self.options = options
