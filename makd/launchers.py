@@ -181,6 +181,6 @@ def device_for_process(requested: str, option: str = "device") -> str:
     info = from_env()
     device = process_device(requested, info.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0,
                             option)
-    if info.enabled or info.local_rank:
+    if info.launcher != "none":  # under a launcher, say which device each process took (one line per process)
         log.info("%s: %s for %s", option, device, info.describe())
     return device
