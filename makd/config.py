@@ -104,7 +104,13 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="progress bars")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
     accumulation_steps: int = Field(1, ge=1, description="split each optimizer step's batch into this many micro-batches")
-    sync_bn: bool = Field(False, description="DDP on GPUs: batch-norm statistics over the global batch")
+    sync_bn: bool | Literal["auto"] = Field("auto", description="DDP: batch-norm statistics over the global batch "
+                                            "(GPUs: SyncBatchNorm; other devices: all-reduced sums) instead of each "
+                                            "process's own images; auto: on when a process normalises fewer than 16 "
+                                            "images (a false with so few says so in the log)")
+    deterministic: bool = Field(False, description="GPUs: deterministic cuDNN kernels in full float32; false = cuDNN "
+                                "benchmarks for the fastest kernels and float32 matmuls/convolutions use TF32 (~1e-3 "
+                                "relative rounding). CPU runs are the same either way")
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = Field("makd", description="Weights & Biases project")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -48,7 +48,16 @@ class DataConfig(Section):
                                      "crop back to size; null = 1/8 of the image side")
     train_complement: bool = Field(False, description="train on the pool minus the few-shot training subset and the "
                                    "validation split: a KD teacher that never saw the student's images")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = load in the training process)")
+    channels: Literal["auto", 1, 3] = Field("auto", description="channels the model takes: 1 (greyscale) or 3 (RGB); "
+                                            "auto: an in-memory dataset's own, and for image files 1 only when every "
+                                            "training image is greyscale (a folder mixing greyscale and colour images "
+                                            "is read as RGB, and the log says so)")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="loader processes per training process that decode and augment images ahead of the model "
+        "(training, validation and test); auto: none for in-memory datasets (a batch is fetched faster than it could be "
+        "passed between processes), else the CPU cores available to each training process; 0 = load in the training "
+        "process. Changes nothing computed: every batch's random draws are seeded by its step")
+    prefetch_factor: int = Field(2, ge=1, description="batches each loader process prepares ahead of the model")
 
     @field_validator("dataset")
     @classmethod

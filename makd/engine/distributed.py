@@ -74,3 +74,23 @@ def sum_across(info: Dist, values: list[float]) -> list[float]:
 def shutdown(info: Dist) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- collectives of distributed evaluation (added after the launcher's part above) --------------------------------
+def gather_objects(info: Dist, value: object) -> list[object]:
+    """Every process's `value` (picklable: arrays, detections), on every process, in rank order. The processes are
+    one job's own, so unpickling what they send is as safe as the job itself."""
+    if not info.enabled:
+        return [value]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(info: Dist, value: object) -> object:
+    """Rank 0's `value` on every process (e.g. a metric that only rank 0 computed)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

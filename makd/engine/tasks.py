@@ -12,13 +12,15 @@ so the engine never imports a task's package (detection sits above the engine an
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from makd.config import Config
-from makd.engine.distributed import Dist
+from makd.engine.distributed import Dist, gather_objects
+from makd.evaluate import Shard
 from makd.registry import Registry
 
 TASKS: Registry[type["Task"]] = Registry("task", "task", modules=("makd.engine.classification", "makd.detection.task"))
@@ -78,8 +80,13 @@ class Task:
         return True
 
     def validate(self) -> dict[str, float]:
-        """Validation numbers for the epoch's row; must hold `selection_metric`."""
+        """Validation numbers for the epoch's row; must hold `selection_metric`. Every DDP process calls it, evaluates
+        its `evaluation_shard()` and returns the numbers of the whole split."""
         raise NotImplementedError
+
+    def evaluation_shard(self) -> Shard:
+        """This process's part of an evaluation, and the all-gather that puts the parts together."""
+        return Shard(self.dist.rank, self.dist.world_size, partial(gather_objects, self.dist))
 
     def export(self, which: str, epoch: int) -> None:
         """Write the model file `<out>/<which>.safetensors` (which: best or last), what predict/evaluate/export read."""
@@ -104,5 +111,6 @@ class Task:
         """Restore what `state_dict` saved (on resume)."""
 
     def finish(self, run: Path, state: Any) -> dict[str, Any]:
-        """Evaluate the best and last files on the test split; write results.json and report.md; return results."""
+        """Evaluate the best and last files on the test split (every DDP process its shard); the main process writes
+        results.json and report.md; every process returns the results."""
         raise NotImplementedError
