@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce
+from torch.distributed import _functional_collectives as funcol
 from torch.nn.modules.batchnorm import _BatchNorm
 
 PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -38,11 +38,11 @@ class AllReduceBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         local = x.new_tensor([x.numel() // x.shape[1]])
-        sums = all_reduce(torch.cat([x.sum(dims), local]))
+        sums = _summed(torch.cat([x.sum(dims), local]))
         count = sums[-1]
         mean = sums[:-1] / count
         centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / count
+        var = _summed((centred * centred).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -51,6 +51,12 @@ class AllReduceBatchNorm(_BatchNorm):
                 self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), momentum)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _summed(t: Tensor) -> Tensor:
+    """Sum over the processes, differentiable (the backward pass sums the gradients): torch's functional
+    collectives, which torch.distributed.nn.functional's deprecation notice points to."""
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
 
 
 def sync_batch_norms(model: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
