@@ -106,6 +106,26 @@ def permute_targets(logodds: np.ndarray, mass: np.ndarray, labels: np.ndarray, m
     return (logodds, mass) if order is None else (logodds[order], mass[order])
 
 
+def training_loader(dataset: SplitDataset, batches: list[SeededBatch], workers: int, prefetch_factor: int,
+                    device: torch.device) -> DataLoader:
+    """The loader of a run's training batches: `batches` (a list the caller refills every epoch) of SeededBatches
+    fetched in `workers` processes that persist across epochs, `prefetch_factor` batches ahead each, into pinned
+    memory on GPUs (what benchmarks/input_pipeline.py measures)."""
+    more = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers else {}
+    return DataLoader(SeededFetch(dataset), batch_sampler=batches, num_workers=workers, collate_fn=fetched_as_is,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=seed_worker, **more)
+
+
+def training_batches(loader: DataLoader, batches: list[SeededBatch],
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, rows) of each of `batches` (what the loader's batch list holds), each step's generators
+    continued from where its batch's draws left them."""
+    for batch, (samples, rng_state) in zip(batches, loader):
+        continue_step(batch.seed, rng_state, device)
+        yield samples
+
+
 @dataclass
 class ImageBatch:
     """One training batch on the device: images and what the loss terms compare against."""
@@ -173,22 +193,17 @@ class ClassificationTask(Task):
                 for step, start in enumerate(range(0, len(order), local_batch))]
 
     def _train_loader(self) -> DataLoader:
-        """One loader for the whole run: its workers persist across epochs, each epoch sets the batches."""
         if self._loader is None:
             workers = loader_workers(self.config.data.num_workers, self.splits["train"].array is not None)
             log.info("data: %d loader process(es) per training process", workers)
-            more = {"persistent_workers": True, "prefetch_factor": self.config.data.prefetch_factor} if workers else {}
-            self._loader = DataLoader(SeededFetch(self.dataset), batch_sampler=self._batches, num_workers=workers,
-                                      collate_fn=fetched_as_is, pin_memory=self.device.type == "cuda",
-                                      generator=torch.Generator().manual_seed(self.config.train.seed),
-                                      worker_init_fn=seed_worker, **more)
+            self._loader = training_loader(self.dataset, self._batches, workers, self.config.data.prefetch_factor,
+                                           self.device)
         return self._loader
 
     def batches(self, epoch: int, local_batch: int, start_step: int) -> Iterator[ImageBatch]:
         mine = self.epoch_batches(epoch, local_batch)[start_step:]  # a resumed epoch skips trained batches unloaded
         self._batches[:] = mine
-        for batch, ((x, y, rows), rng_state) in zip(mine, self._train_loader()):
-            continue_step(batch.seed, rng_state, self.device)
+        for x, y, rows in training_batches(self._train_loader(), mine, self.device):
             yield self._on_device(x, y, rows)
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> ImageBatch:
