@@ -162,6 +162,9 @@ class DetectionTask(Task):
                    [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets],
                    [derive_seed(seed, epoch, i, 11) for i, _ in items])
 
+    def end_training(self) -> None:
+        self._loader = None  # its persistent loader processes stop with it
+
     def split(self, batch: Batch, parts: int) -> list[Batch]:
         images, targets, seeds = batch
         bounds = np.linspace(0, len(images), parts + 1).round().astype(int)

@@ -220,6 +220,9 @@ class ClassificationTask(Task):
                 targets.teacher_logits = self.kd_teacher(x).float()
         return ImageBatch(x, targets)
 
+    def end_training(self) -> None:
+        self._loader = None  # its persistent loader processes stop with it
+
     def split(self, batch: ImageBatch, parts: int) -> list[ImageBatch]:
         if parts == 1:
             return [batch]

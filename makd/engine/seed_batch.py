@@ -158,6 +158,10 @@ class SeedBatchTask(Task):
     def validates(self) -> bool:
         return self.tasks[0].validates()
 
+    def end_training(self) -> None:
+        for task in self.tasks:
+            task.end_training()
+
     def export(self, which: str, epoch: int) -> None:
         # Each member's best file is written when its own validation improves (end_epoch); without validation the
         # loop asks for the last one as the best.

@@ -103,6 +103,9 @@ class Task:
     def end_epoch(self, row: dict[str, Any]) -> None:
         """Called with every epoch's row (after validation when there was one), before it is logged."""
 
+    def end_training(self) -> None:
+        """Called after the last epoch, before testing: release what only training needs (loader processes)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Task state saved in the training checkpoint (plain values and tensors)."""
         return {}

@@ -190,6 +190,7 @@ class Trainer:
         return self.run / "checkpoints" / "last.pt"
 
     def _write_checkpoint(self) -> None:
+        """The main process writes the training state (the epoch's sums already combined by `save_checkpoint`)."""
         if not self.dist.main:
             return
         lr = lr_at(self.config, max(0, self.state.global_step - 1), self.steps_per_epoch)
@@ -371,6 +372,7 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
         runlog.close()
+        self.task.end_training()
         if not self.task.validates():  # no validation images: the last checkpoint is the one used
             self.state.best_epoch = self.state.epoch
         if main:
