@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed import _functional_collectives as funcol
 from torch.nn.modules.batchnorm import _BatchNorm
 
 PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -53,10 +52,25 @@ class AllReduceBatchNorm(_BatchNorm):
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) whose backward pass sums the gradients over the processes too (each process's loss depends
+    on every process's share of the sums)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _summed(t: Tensor) -> Tensor:
-    """Sum over the processes, differentiable (the backward pass sums the gradients): torch's functional
-    collectives, which torch.distributed.nn.functional's deprecation notice points to."""
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
+    return _SumOverProcesses.apply(t)
 
 
 def sync_batch_norms(model: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
