@@ -14,14 +14,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from makd.config import Config
 from makd.engine.distributed import Dist, gather_objects
-from makd.evaluate import Shard
 from makd.registry import Registry
+
+if TYPE_CHECKING:
+    from makd.evaluate import Shard
 
 TASKS: Registry[type["Task"]] = Registry("task", "task", modules=("makd.engine.classification", "makd.detection.task"))
 
@@ -86,6 +88,8 @@ class Task:
 
     def evaluation_shard(self) -> Shard:
         """This process's part of an evaluation, and the all-gather that puts the parts together."""
+        from makd.evaluate import Shard  # evaluation is imported with the task, not with the loop
+
         return Shard(self.dist.rank, self.dist.world_size, partial(gather_objects, self.dist))
 
     def export(self, which: str, epoch: int) -> None:
