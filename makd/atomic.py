@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +42,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = _new_file(path)
+        tmp_path = new_temporary_file(path)
+        mode = stat.S_IMODE(tmp_path.stat().st_mode)  # 0666 less the umask: what any file written here gets
     except OSError as exc:
         raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
     try:
         yield tmp_path
+        # Some writers replace the file they are given with their own (safetensors makes it 0600): every output
+        # gets the same umask-given mode, whoever wrote it.
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except MakdError:
         raise
@@ -61,7 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _new_file(path: Path) -> Path:
+def new_temporary_file(path: Path) -> Path:
     """An empty `.<name>.<host>-<pid>.<random>.tmp` beside `path`, created with mode 0666 so that the umask decides
     its permissions, as for any file a program writes (mkstemp's 0600 would make every output private)."""
     while True:
@@ -92,7 +97,7 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for entry in entries:
         writer = WRITER.search(entry.name)
         if writer and writer["host"] == HOST:
-            gone = not _running(int(writer["pid"]))
+            gone = not process_running(int(writer["pid"]))
         else:
             try:
                 gone = time.time() - entry.stat().st_mtime > STALE_AFTER_S
@@ -111,7 +116,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     return len(stale)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` of this host is alive (a zombie, killed but not yet reaped, is not)."""
     try:
         os.kill(pid, 0)

@@ -15,6 +15,7 @@ from makd.errors import MakdError, os_error_message
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules inside its commands
     from makd.config import Config
+    from makd.labels import LabelStore
     from makd.labels.show import SampleSource
 
 log = logging.getLogger("makd")
@@ -25,6 +26,7 @@ pipeline:
   makd questions show makd:fashion_mnist/questions.json     inspect a question set
   makd label -c my.yaml                                     teacher targets -> label store (resumable)
   makd labels check labels/                                 every sample covered once? which shards are missing
+  makd labels status labels/                                a running job: shards done / leased / left, ETA
   makd labels show labels/ -c my.yaml --plot answers.png    what the teacher said, per image and per class
   makd labels export labels/ -o targets.json                the official {image_name: [p_1..p_Q]} JSON (and import)
   makd train -c my.yaml train.seed=1                        student with an aspect head -> run folder
@@ -150,20 +152,51 @@ def _shard(value: str) -> tuple[int, int]:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from makd.labels import label_from_config
+    from makd.launchers import from_env
 
     config = _load(args)
-    rank, world = args.shard or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     samples_of = _samples_of(config)
-    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite, samples=samples_of)
+    if args.executor or args.workers:
+        return _label_with_workers(args, config, samples_of)
+    info = from_env()  # torchrun, srun, or one process
+    rank, world = args.shard or (info.rank, info.world_size)
+    store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite,
+                              retry_skipped=args.retry_skipped, samples=samples_of)
+    return _label_summary(config, store, samples_of)
+
+
+def _label_with_workers(args: argparse.Namespace, config: Config, samples_of: SampleSource) -> int:
+    """`makd label --executor local|slurm --workers N`: N label workers (processes, or one Slurm job array)."""
+    from makd.experiment.executors import EXECUTORS, label_workers
+    from makd.labels import LabelStore
+
+    if args.shard or args.overwrite or args.retry_skipped:
+        option = "--shard" if args.shard else "--overwrite" if args.overwrite else "--retry-skipped"
+        raise MakdError(f"{option} is for one worker; --executor/--workers start all of them (delete the store folder "
+                        "to start over, or run one worker with the option)")
+    if not config.labels.path:
+        raise MakdError("labels.path: where should the label store go? (e.g. labels.path=labels/my-dataset)")
+    executor = config.executor.model_copy(update={k: v for k, v in (("name", args.executor), ("workers", args.workers))
+                                                  if v is not None})
+    works = label_workers(config, executor.workers, samples_of)
+    workdir = Path(config.labels.path).resolve().parent
+    failed = [(work, error) for work, _, error in EXECUTORS.get(executor.name)(works, executor, workdir) if error]
+    if failed:
+        raise MakdError(f"{failed[0][0].names[0]} failed: {failed[0][1]}" + (f"; {len(failed) - 1} more worker(s) "
+                        "failed" if len(failed) > 1 else "") + " (re-run to resume)")
+    return _label_summary(config, LabelStore.open(config.labels.path), samples_of)
+
+
+def _label_summary(config: Config, store: LabelStore, samples_of: SampleSource) -> int:
     missing = store.missing_shards()
     print(f"label store {store.path}: {store.meta['num_samples']} samples x {store.num_questions} questions, "
           f"{store.num_shards - len(missing)}/{store.num_shards} shards done"
-          + (f" (the rest belong to other workers: `makd labels check {store.path}` when all are done)"
-             if missing and world > 1 else ""))
+          + (f" (the rest are being labelled by other workers: `makd labels status {store.path}`)" if missing else ""))
     if not missing:
+        from makd.labels.listing import listed_or_built
         from makd.labels.show import label_report
 
-        print("\n".join(label_report(config, store, samples_of)))
+        print("\n".join(label_report(config, store, lambda c: listed_or_built(c, store.path, samples_of))))
     return 0
 
 
@@ -188,15 +221,22 @@ def cmd_labels_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_labels_check(args: argparse.Namespace) -> int:
-    from makd.labels import LabelStore, split_coverage
-
+def _store_and_config(args: argparse.Namespace) -> tuple[str, Config | None]:
+    """`labels check|status [path] [-c my.yaml] [key=value...]`: the store folder, and the config when one is given."""
     if args.path and "=" in args.path and not Path(args.path).exists():  # `check -c my.yaml key=value`
         args.overrides, args.path = [args.path, *args.overrides], None
     config = _load(args) if args.config or args.overrides else None
     path = args.path or (config.labels.path if config else None)
     if not path:
-        raise MakdError("labels check: name the label store folder, or give the config whose labels.path it is (-c)")
+        raise MakdError(f"labels {args.labels_command}: name the label store folder, or give the config whose "
+                        "labels.path it is (-c)")
+    return path, config
+
+
+def cmd_labels_check(args: argparse.Namespace) -> int:
+    from makd.labels import LabelStore, split_coverage
+
+    path, config = _store_and_config(args)
     store = LabelStore.open(path)
     coverage = store.check()
     print(f"label store {store.path} ({store.meta['teacher'].get('name', '?')}, {store.num_questions} questions)")
@@ -204,10 +244,19 @@ def cmd_labels_check(args: argparse.Namespace) -> int:
     if config is None:
         return 0 if coverage.complete else 1
     print(f"against the samples of {', '.join(args.config or ['the default config'])} (labels.splits {config.labels.splits}):")
-    splits = split_coverage(config, coverage.sample_ids, None if config.task != "detection" else _samples_of(config))
+    splits = split_coverage(config, coverage.sample_ids, None if config.task != "detection" else _samples_of(config),
+                            coverage.skipped)
     print("\n".join(s.report() for s in splits))
     covered = not any(s.missing for s in splits)
     return 0 if coverage.complete and covered else 1
+
+
+def cmd_labels_status(args: argparse.Namespace) -> int:
+    from makd.labels.status import status_lines, store_status
+
+    status = store_status(_store_and_config(args)[0])
+    print(json.dumps(status.to_json(), indent=2) if args.json else "\n".join(status_lines(status)))
+    return 0
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
@@ -236,11 +285,12 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from makd.engine import train
+    from makd.launchers import from_env
 
     config = _load(args)
     results = train(config, resume=args.resume == "auto")
     report = Path(config.out) / "report.md"
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, one summary line
+    if not from_env().main:  # under torchrun or srun, one summary line
         pass
     elif config.task == "detection":
         print(f"test mAP {results['test_map_best']:.2f} / mAP50 {results['test_map50_best']:.2f} (checkpoint best on "
@@ -345,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from makd.experiment.grid import Grid
-    from makd.experiment.runner import DONE, plan, run_grid
+    from makd.experiment.runner import DONE, plan, run_grid, stores_to_label
 
     grid = Grid.load(args.grid, args.overrides)
     executor = grid.spec.executor.model_copy(update={k: v for k, v in (
@@ -358,11 +408,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         done = sum(p.status == DONE or p.same_as is not None for p in cells)
         print(f"{len(cells)} cells: {done} done, {len(cells) - done} to run (executor {executor.name}, "
               f"{executor.workers} worker(s), batch_seeds {executor.batch_seeds})")
+        for path in stores_to_label(grid):
+            print(f"label store {path}: to label first ({executor.workers} label worker(s))")
         return 0
     from makd.experiment.report import write_report
     from makd.experiment.runner import finished
 
-    outcome = finished(grid) if args.report else run_grid(grid, executor, progress=not args.no_progress)
+    outcome = finished(grid) if args.report else run_grid(grid, executor, progress=not args.no_progress,
+                                                          samples_of=_samples_of)
     folder = write_report(grid, outcome)
     print((folder / "tables.md").read_text(encoding="utf-8"))
     print(f"results: {folder / 'results.csv'}; tables: {folder / 'tables.md'} (.csv, .tex); plots in {folder}")
@@ -427,8 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Writes Parquet shards atomically; re-running resumes at the first missing shard.",
                          formatter_class=fmt)
     _config_args(lab)
-    lab.add_argument("--shard", type=_shard, metavar="i/n", help="this worker's share (default: torchrun's RANK/WORLD_SIZE)")
+    lab.add_argument("--shard", type=_shard, metavar="i/n", help="the share this worker claims first, then any shard no "
+                     "live worker holds (default: the launcher's rank and world size: torchrun, srun)")
+    lab.add_argument("--executor", choices=["local", "slurm"],
+                     help="start the label workers: local processes, or one Slurm job array through submitit (its "
+                          "options: the config's executor section, e.g. executor.partition=gpu executor.gpus=1)")
+    lab.add_argument("--workers", type=_positive, help="label workers (with --executor; default: executor.workers)")
     lab.add_argument("--overwrite", action="store_true", help="discard an existing store at labels.path")
+    lab.add_argument("--retry-skipped", action="store_true",
+                     help="label again the shards that skipped unreadable images (after repairing them)")
     lab.set_defaults(func=cmd_label)
 
     ls = sub.add_parser("labels", help="check, export and import label stores", formatter_class=fmt)
@@ -441,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--world-size", type=int, help="also say which rank (of a --shard i/n job) owes each missing shard")
     _config_args(chk)
     chk.set_defaults(func=cmd_labels_check)
+    sts = lsub.add_parser("status", help="progress of a labelling job: shards done, leased (by whom) and left, "
+                                         "throughput, time left",
+                          description="Reads only file names and times (no shard is opened): cheap to run while "
+                                      "workers label. Throughput is over the shards written in the last 15 minutes, "
+                                      "all workers together.")
+    sts.add_argument("path", nargs="?", help="label store folder (default: labels.path of the config)")
+    sts.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    _config_args(sts)
+    sts.set_defaults(func=cmd_labels_status)
     exp = lsub.add_parser("export", help="write the official {image_name: [p_1, ..., p_Q]} JSON")
     exp.add_argument("path", help="label store folder")
     exp.add_argument("-o", "--output", required=True, help="JSON file to write")

@@ -35,6 +35,9 @@ class LabelsConfig(Section):
         ["train"], description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
     max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
     shard_size: int = Field(512, ge=1, description="samples per Parquet shard (the unit of resuming and of --shard)")
+    lease_timeout: float = Field(300, gt=0, description="seconds without a heartbeat after which a worker's lease on "
+                                 "a shard expires and another worker takes the shard over (a worker of the same host "
+                                 "whose process is gone: at once); above the hosts' clock skew")
     permute: Literal["none", "images", "within_class"] = Field(
         "none", description="control: shuffle teacher targets across training images (or within each class)")
 
@@ -113,6 +116,10 @@ class TrainConfig(Section):
                                 "relative rounding). CPU runs are the same either way")
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = Field("makd", description="Weights & Biases project")
+    dist_timeout_min: float = Field(60.0, gt=0, description="DDP: minutes a process may wait in a collective for the "
+                                    "others before the run is aborted. Generous: rank 0 alone validates, tests and "
+                                    "writes checkpoints while the others wait (NCCL's own default, 10 min, can abort a "
+                                    "long evaluation); a crashed rank is still noticed after this long")
 
 
 class GenerateConfig(Section):
@@ -171,6 +178,37 @@ class DetectionConfig(Section):
         "faster_coco_eval", description="COCO mAP: faster-coco-eval on COCO JSON, or torchmetrics in memory")
 
 
+class ExecutorConfig(Section):
+    """Where `makd label --executor` workers run (a grid file's `executor:` has the same keys, for its cells)."""
+
+    name: str = Field("local", description="local (processes on this machine) or slurm (job arrays through submitit)")
+    workers: int = Field(1, ge=1, description="local: processes at a time; labelling: label workers (local processes "
+                         "or Slurm jobs)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
+    batch_seeds: int = Field(1, ge=1, description="experiment: train up to this many seeds of a cell as one batched model")
+    cluster: Literal["slurm", "local", "debug"] | None = Field(
+        None, description="slurm: submitit's cluster (default: slurm when sbatch is installed, else local processes)")
+    folder: str | None = Field(None, description="slurm: job files and logs (default: <grid out>/submitit, or "
+                               "submitit/ beside the label store)")
+    partition: str | None = Field(None, description="slurm: partition")
+    account: str | None = Field(None, description="slurm: account")
+    qos: str | None = Field(None, description="slurm: quality of service")
+    constraint: str | None = Field(None, description="slurm: node features, e.g. a100")
+    time_min: int = Field(240, ge=1, description="slurm: time limit of one job in minutes; a job that reaches it is "
+                          "requeued and resumes from its checkpoint or its missing shards (makd's default, 4 h: "
+                          "within most partitions' limits, short enough to backfill)")
+    max_requeues: int = Field(20, ge=0, description="slurm: requeues on reaching the time limit before a job fails "
+                              "(preemptions do not count)")
+    cpus: int | None = Field(None, ge=1, description="slurm: CPUs per task (process)")
+    gpus: int = Field(0, ge=0, description="slurm: GPUs per node; one process (task) per GPU")
+    mem_gb: float | None = Field(None, gt=0, description="slurm: memory per node in GB")
+    nodes: int = Field(1, ge=1, description="slurm: nodes per job (a training cell: one DDP run over all of them)")
+    tasks_per_node: int | None = Field(None, ge=1, description="slurm: processes per node (default: gpus, at least 1; "
+                                       "1 for a teacher spread over the node's GPUs with teacher.device_map)")
+    array_parallelism: int | None = Field(None, ge=1, description="slurm: jobs of one array running at once "
+                                          "(default: as many as the cluster allows)")
+
+
 class Config(Section):
     task: str = Field("classification", description="what is trained: classification, or detection (a registered "
                       "task, makd/engine/tasks.py)")
@@ -192,6 +230,7 @@ class Config(Section):
     generate: GenerateConfig = GenerateConfig()
     select: SelectConfig = SelectConfig()
     detection: DetectionConfig = DetectionConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
 
 def resolve_path(value: str) -> Path:

@@ -244,7 +244,7 @@ def _open_store(looked: list[str], question_set_hash: str) -> LabelStore:
     store = LabelStore.open(found)
     if store.meta["question_set_hash"] != question_set_hash:
         raise MakdError(f"label store {found} is for question set {store.meta['question_set_hash']}, "
-                        f"the model's aspect head for {question_set_hash}")
+                        f"the model's aspect head for {question_set_hash}: give --labels the store it was trained with")
     return store
 
 

@@ -63,8 +63,8 @@ def _select_by_teacher(config: Config, pool: QuestionSet, output: Path) -> tuple
     teacher = build_teacher(config.teacher)
     store = label_split(sample, teacher, pool, output.with_name(output.stem + ".pool-labels"),
                         shard_size=config.labels.shard_size, progress=config.train.progress)
-    _, logodds, mass = store.read()
-    chosen, report = select_by_data(logodds, mass, sample.targets, s.num_questions, min_mass=s.min_mass,
+    rows, logodds, mass = store.available(sample.sample_ids)  # images that could not be read have no row
+    chosen, report = select_by_data(logodds, mass, sample.targets[rows], s.num_questions, min_mass=s.min_mass,
                                     min_spread=s.min_spread, redundancy_weight=s.redundancy_weight)
     write_text(output.with_name(output.stem + ".selection.csv"), rows_csv(report.rows(pool.texts)))
     selection_scatter(report, output.with_name(output.stem + ".selection.png"), title=f"{len(pool)} candidates, "

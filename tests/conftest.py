@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +18,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# makd's cache (the bridge's ImageNet prompt embeddings, canvases) for this session only, shared with the commands
+# the tests start: nothing from a user's ~/.cache/makd, nothing left there.
+os.environ["MAKD_CACHE"] = tempfile.mkdtemp(prefix="makd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MAKD_CACHE"], ignore_errors=True)
 
 from makd.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from makd.questions import QuestionSet  # noqa: E402

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from support.data_packages import foolbox_photos
 
 from makd.data.fashion_mnist import CLASSES, load_fashion_mnist
 from makd.errors import MakdError
@@ -98,11 +97,7 @@ def test_footwear_says_yes_to_worn_on_the_feet(teacher, fashion):
 
 def test_photos_dog_has_fur_jeep_has_wheels(teacher):
     """Real RGB photos (foolbox's bundled ImageNet samples): a bull mastiff vs two jeeps."""
-    spec = importlib.util.find_spec("foolbox")
-    folder = Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
-    files = [folder / f"imagenet_{name}.jpg" for name in ("00_243", "06_609", "07_609")] if folder else []
-    if not files or not all(f.is_file() for f in files):
-        pytest.skip("foolbox's sample photos are not installed")
+    files = [foolbox_photos() / f"imagenet_{name}.jpg" for name in ("00_243", "06_609", "07_609")]
     questions = QuestionSet.model_validate({
         "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
         "questions": [{"id": "fur", "text": "Does it have fur?"}, {"id": "wheels", "text": "Does it have wheels?"}],

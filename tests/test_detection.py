@@ -213,6 +213,43 @@ def test_coco_round_trip_and_bad_rows(tmp_path, fmnist_test):
         assert "bad.json" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_files_that_are_not_coco_or_hold_bad_numbers_are_one_line_errors(tmp_path, fmnist_test):
+    opts = {"size": 64, "min_items": 1, "max_items": 2, "min_item": 20, "max_item": 30, "max_iou": 0.1}
+    images, boxes, labels = make_canvases(fmnist_test.array[:20], fmnist_test.targets[:20], 3, opts, np.random.default_rng(1))
+    write_coco(tmp_path, "val", images, boxes, labels, fmnist_test.class_names)
+    good = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    bad = tmp_path / "bad.json"
+
+    def refused(data: object, message: str) -> None:
+        bad.write_text(data if isinstance(data, str) else json.dumps(data))
+        with pytest.raises(MakdError, match=re.escape(message)) as err:
+            read_coco(tmp_path / "val", bad, "val")
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+    refused([{"id": 1}], "not a COCO instances file (needs lists images, annotations, categories)")
+    refused({"images": [], "annotations": []}, "not a COCO instances file")
+    refused("{not json", "bad.json")
+    refused({**good, "categories": good["categories"] + [{"id": 3, "name": "again"}]}, "category id 3 appears twice")
+    refused({**good, "images": good["images"] + [dict(good["images"][1])]}, "image id 2 appears twice")
+    refused({**good, "images": [{**good["images"][0], "height": 0}] + good["images"][1:]}, "height and width >= 1")
+    # Python's json reads NaN and Infinity: a box holding one is refused where it is read (not in the crops later).
+    for value in ("NaN", "Infinity"):
+        text = json.dumps({**good, "annotations": [{**good["annotations"][0], "bbox": [1, 2, 3, 4]}] + good["annotations"][1:]})
+        refused(text.replace("[1, 2, 3, 4]", f"[1, 2, {value}, 4]"), "annotation 1 (image 1): bbox must be [x, y, width, "
+                "height] of finite numbers")
+
+
+def test_val_holdout_larger_than_the_training_set_is_one_line(tmp_path, fmnist_test):
+    opts = {"size": 64, "min_items": 1, "max_items": 2, "min_item": 20, "max_item": 30, "max_iou": 0.1}
+    images, boxes, labels = make_canvases(fmnist_test.array[:20], fmnist_test.targets[:20], 3, opts, np.random.default_rng(1))
+    write_coco(tmp_path, "train", images, boxes, labels, fmnist_test.class_names)
+    config = load_config(overrides=["task=detection", "detection.dataset=coco", f"detection.train_images={tmp_path / 'train'}",
+                                    f"detection.train_annotations={tmp_path / 'annotations' / 'instances_train.json'}",
+                                    "detection.val_holdout=3"])
+    with pytest.raises(MakdError, match=r"^detection.val_holdout 3: the training set has only 3 images$"):
+        build_detection_splits(config)
+
+
 def test_augmentations_keep_boxes_labels_and_aspect_rows_aligned():
     """Three boxes filled with distinct grey levels; each row carries its box's level. After every augmentation
     (and the detector's own resize) the pixels inside each remaining box still have its row's level."""

@@ -20,6 +20,7 @@ import yaml
 from conftest import PixelTeacher
 from PIL import Image
 from safetensors.torch import load_file
+from support.cli import run_makd
 
 from makd.config import load_config, resolve_path
 from makd.detection.crops import crops_to_label
@@ -34,11 +35,7 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def makd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "makd", *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"makd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+makd = run_makd  # in this process (the same main a shell runs); real processes where a kill or torchrun needs them
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +133,8 @@ def test_coco_folder_label_train_evaluate_predict_export(coco_project):
     np.testing.assert_allclose(aspects, expected["aspect_logits"].numpy(), atol=1e-3)
     assert labels_.tolist() == expected["labels"].tolist()
 
-    bad = makd("train", "-c", "config.yaml", "detection.train_annotations=missing.json", "out=runs/bad", cwd=root, check=False)
+    bad = subprocess.run([sys.executable, "-m", "makd", "train", "-c", "config.yaml", "detection.train_annotations=missing.json",
+                          "out=runs/bad"], cwd=root, capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == f"makd: error: COCO annotations not found: {root / 'missing.json'}"
 
 
@@ -189,11 +187,9 @@ def test_two_processes_train_a_detector_as_one_process(coco_project, pixel_label
 def test_demo_detection_small(tmp_path):
     """`makd demo detection` end to end on a shrunken setting: the table, the report and the per-seed runs."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "makd", "demo", "detection", "--out", str(out), "--seeds", "2",
-                           "--no-progress", "detection.canvases.train=12", "detection.canvases.val=6",
-                           "detection.canvases.test=12", "labels.max_per_class.test=2", "train.epochs=1",
-                           "train.eval_every=1"], capture_output=True, text=True, env=ENV, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = makd("demo", "detection", "--out", out, "--seeds", "2", "--no-progress", "detection.canvases.train=8",
+                "detection.canvases.val=4", "detection.canvases.test=6", "labels.max_per_class.test=2", "train.epochs=1",
+                "train.eval_every=1", cwd=tmp_path)
     assert "| MaKD | 2 |" in proc.stdout and "report:" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]["map"]) == {"CE", "MaKD", "permuted"}

@@ -140,7 +140,6 @@ def test_makd_plus_kd_trains_with_both_signals(tmp_path, labelled, teacher_run):
 
 
 def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(load_config(overrides=TINY + [f"out={tmp_path}", "loss.aspect_bce.weight=0", "train.epochs=1", "train.wandb=true"]))

@@ -4,13 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx")
-
-from makd.cli import main  # noqa: E402
-from makd.config import ModelConfig  # noqa: E402
-from makd.export import export_onnx, run_onnx  # noqa: E402
-from makd.models import build_student  # noqa: E402
-from makd.models.student_file import export_student  # noqa: E402
+from makd.cli import main
+from makd.config import ModelConfig
+from makd.export import export_onnx, run_onnx
+from makd.models import build_student
+from makd.models.student_file import export_student
 
 
 @pytest.fixture()

@@ -295,7 +295,8 @@ def test_answer_tokens_metadata_and_resume(vlm_folder, fmnist_test, tmp_path):
 
     split = fmnist_test.subset(np.arange(5), "part")
     qs = make_question_set(split.class_names, n=3)
-    store = label_split(split, teacher, qs, tmp_path / "s", shard_size=2, rank=1, world_size=2, progress=False)
+    store = label_split(split, teacher, qs, tmp_path / "s", shard_size=2, rank=1, world_size=2, progress=False,
+                        share_only=True)
     assert store.missing_shards() == [0, 2]
     meta = json.loads((tmp_path / "s" / "labels.json").read_text())
     assert meta["teacher"]["answer_tokens"] == answers and meta["teacher"]["dtype"] == "float32"

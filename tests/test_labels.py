@@ -32,7 +32,8 @@ def test_store_roundtrip_matches_direct_scoring(tmp_path, split, questions):
     np.testing.assert_array_equal(mass, expected.mass)
     assert logodds.dtype == np.float32 and logodds.shape == (10, 5)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "labels.arrow", "labels.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+        "labels.arrow", "labels.json", "samples.parquet", "shard-00000.parquet", "shard-00001.parquet",
+        "shard-00002.parquet"]
     meta = store.meta
     assert meta["question_set_hash"] == questions.hash and meta["num_samples"] == 10 and meta["shard_size"] == 4
     assert meta["teacher"]["name"] == "pixel" and "torch" in meta["software"]
@@ -45,7 +46,9 @@ def test_resume_after_crash_recomputes_only_missing_shards(tmp_path, split, ques
     out = tmp_path / "s"
     with pytest.raises(RuntimeError, match="simulated crash"):
         label_split(split, PixelTeacher(batch_size=4, fail_after_calls=2), questions, out, shard_size=4, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "shard-00000.parquet", "shard-00001.parquet"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "labels.json", "samples.parquet", "shard-00000.parquet", "shard-00001.parquet"]
+    assert not list((out / "leases").iterdir())  # the crashed worker's lease was released
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     teacher = PixelTeacher(batch_size=4)
     store = label_split(split, teacher, questions, out, shard_size=4, progress=False)
@@ -67,12 +70,16 @@ def test_resume_refuses_a_different_question_set(tmp_path, split, questions):
 
 def test_sharded_workers_cover_every_sample_once(tmp_path, split, questions):
     out = tmp_path / "s"
-    label_split(split, PixelTeacher(), questions, out, shard_size=3, rank=1, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), questions, out, shard_size=3, rank=1, world_size=2, progress=False,
+                share_only=True)
     store = LabelStore.open(out)
     assert store.missing_shards() == [0, 2]
     with pytest.raises(MakdError, match="incomplete: 2 of 4 shards missing"):
         store.read()
-    label_split(split, PixelTeacher(), questions, out, shard_size=3, rank=0, world_size=2, progress=False)
+    # Rank 1 again, claiming: its share is done, so it takes rank 0's shards (nobody holds them).
+    teacher = PixelTeacher(batch_size=3)
+    label_split(split, teacher, questions, out, shard_size=3, rank=1, world_size=2, progress=False)
+    assert teacher.calls == 2 and not store.missing_shards()
     ids, logodds, _ = store.read()
     assert ids == split.sample_ids
     np.testing.assert_array_equal(logodds, direct_scores(split, questions).logodds)

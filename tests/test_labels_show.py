@@ -89,7 +89,7 @@ def test_a_weak_teacher_is_reported_with_a_warning(labelled, caplog):
 
 LIGHT = [["--help"], ["questions", "show", "makd:fashion_mnist/questions.json"],
          ["questions", "import", "{q_txt}", "--classes", "a,b", "-o", "{tmp}/q.json"],
-         ["labels", "check", "{store}"], ["labels", "show", "{store}", "-c", "{config}", "--plot", "{tmp}/h.png"],
+         ["labels", "check", "{store}"], ["labels", "status", "{store}"], ["labels", "show", "{store}", "-c", "{config}", "--plot", "{tmp}/h.png"],
          ["labels", "export", "{store}", "-o", "{tmp}/t.json"], ["train", "-c", "{config}", "--print-config"]]
 
 

@@ -25,7 +25,7 @@ def split(fmnist_test):
 def test_check_finds_missing_shards_duplicates_and_damage(tmp_path, split, capsys):
     qs = make_question_set(split.class_names, n=3)
     out = tmp_path / "s"
-    label_split(split, PixelTeacher(), qs, out, shard_size=3, rank=1, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), qs, out, shard_size=3, rank=1, world_size=2, progress=False, share_only=True)
     store = LabelStore.open(out)
     coverage = store.check()
     assert coverage.missing == [0, 2] and not coverage.problems and not coverage.complete

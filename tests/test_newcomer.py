@@ -4,7 +4,6 @@ warning about the teacher, and a run folder that still evaluates after the proje
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from support.cli import run_makd
+from support.data_packages import foolbox_photos
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +40,7 @@ def makd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def build_project(root: Path) -> None:
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("the foolbox wheel (real photos) is not installed")
-    files = {p.stem: p for p in (Path(spec.submodule_search_locations[0]) / "data").iterdir()}
+    files = {p.stem: p for p in foolbox_photos().iterdir()}
     for cls, names in PHOTOS.items():
         for i, name in enumerate(names):
             folder = root / "photos" / ("test" if i == len(names) - 1 else "train") / cls
@@ -76,11 +74,12 @@ def test_own_photos_relative_paths_from_another_folder(tmp_path):
     stand_ins = json.loads((project / "labels" / "labels.json").read_text())["teacher"]["stand_ins"]
     assert set(stand_ins) == set(PHOTOS) and stand_ins["landscape"][0]["cosine"] < 0.6
 
-    shown = makd("labels", "show", "../project/labels", "-c", config, "--plot", "answers.png", cwd=elsewhere).stdout
+    # The other commands in this process (the same main a shell runs), still from their folders.
+    shown = run_makd("labels", "show", "../project/labels", "-c", config, "--plot", "answers.png", cwd=elsewhere).stdout
     assert shown.splitlines()[-1] == "heatmap: answers.png" and (elsewhere / "answers.png").stat().st_size > 5000
     assert next(line for line in shown.splitlines() if line.startswith("mean P(yes)")).split()[-3:] == sorted(PHOTOS)
 
-    trained = makd("train", "-c", config, cwd=elsewhere).stdout  # 4 training images per class: no few-shot subset
+    trained = run_makd("train", "-c", config, cwd=elsewhere).stdout  # 4 training images per class: no few-shot subset
     run = project / "runs" / "photos"
     splits = json.loads((run / "splits.json").read_text())
     assert splits["train"]["per_class"] == {c: 4 for c in sorted(PHOTOS)} and splits["val"]["num_samples"] == 3
@@ -91,6 +90,6 @@ def test_own_photos_relative_paths_from_another_folder(tmp_path):
     shutil.move(project, moved)
     third = tmp_path / "third"
     third.mkdir()
-    report = json.loads(makd("evaluate", "-m", str(moved / "runs" / "photos"), "--json", cwd=third).stdout)
+    report = json.loads(run_makd("evaluate", "-m", str(moved / "runs" / "photos"), "--json", cwd=third).stdout)
     assert report["best"]["num_images"] == 3 and report["best"]["aspects"]["num_images"] == 3
     assert report["best"]["aspects"]["questions"] == list(ANSWERS)

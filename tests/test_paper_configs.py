@@ -91,4 +91,4 @@ def test_the_paper_grid_runs_every_pair_as_the_layered_files_say():
     assert to_dict(config) == to_dict(expected.model_copy(update={"name": cell.name, "out": config.out,
                                                                  "train": expected.train.model_copy(update={"seed": 2})}))
     assert grid.config(next(c for c in cells if c.name == "dtd-resnet18-ce-s0")).loss["aspect_bce"].weight == 0
-    assert grid.spec.executor.name == "slurm" and grid.spec.executor.model_extra["gpus"] == 1
+    assert grid.spec.executor.name == "slurm" and grid.spec.executor.gpus == 1

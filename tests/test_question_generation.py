@@ -96,11 +96,11 @@ def test_openai_backend_matches_the_same_model_run_locally(lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_writes_20_distinct_well_formed_questions(tmp_path):
-    llm = TextLLM.from_options({"backend": "smollm2"}, cache=tmp_path / "cache.json")
-    qs, log = generate_questions(CLASSES, llm, n=20, num_images=200, samples=2, max_rounds=12, progress=False)
-    assert len(qs) == 20
-    assert len({normalise(t) for t in qs.texts}) == 20
+def test_embedded_smollm2_writes_distinct_well_formed_questions(tmp_path):
+    llm = TextLLM.from_options({"backend": "smollm2", "max_new_tokens": 80}, cache=tmp_path / "cache.json")
+    qs, log = generate_questions(CLASSES, llm, n=8, num_images=200, samples=2, max_rounds=8, progress=False)
+    assert len(qs) == 8
+    assert len({normalise(t) for t in qs.texts}) == 8
     for text in qs.texts:
         assert text.endswith("?") and text.split()[0].lower() in YES_NO_OPENERS, text
         assert class_mentioned(text, CLASSES) is None, text

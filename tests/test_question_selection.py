@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import question_set
+from support.cli import run_makd
 from test_question_generation import ScriptedLLM
 
 from makd.errors import MakdError
@@ -101,5 +102,5 @@ def test_cli_select_by_data_and_random_on_the_bridge(tmp_path):
     assert rows[0] == "question,mass,spread,information_bits,redundancy,rank,dropped" and len(rows) == 9
     assert (tmp_path / "data.selection.png").stat().st_size > 5000
     assert json.loads((tmp_path / "data.pool-labels" / "labels.json").read_text())["num_samples"] == 30
-    makd("questions", "select", *common, "select.method=random", "-o", "random.json", cwd=tmp_path)
+    run_makd("questions", "select", *common, "select.method=random", "-o", "random.json", cwd=tmp_path)  # in this process
     assert len(QuestionSet.load(tmp_path / "random.json")) == 3

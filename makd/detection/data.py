@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from makd.atomic import read_json, write_json
+from makd.cache import cache_dir
 from makd.config import Config, DetectionConfig
 from makd.data.base import load_image
 from makd.data.fashion_mnist import load_fashion_mnist
@@ -89,7 +91,8 @@ class DetectionSplit:
 
 # -- COCO ---------------------------------------------------------------------------------------------------
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number: Python's json reads NaN and Infinity, which no box or size may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_coco(images: str | Path, annotations: str | Path, name: str) -> DetectionSplit:
@@ -103,15 +106,18 @@ def read_coco(images: str | Path, annotations: str | Path, name: str) -> Detecti
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
             raise MakdError(f"{annotations}: category {c!r} needs an integer id and a name")
     category_ids = [c["id"] for c in categories]
-    if len(set(category_ids)) != len(category_ids):
-        raise MakdError(f"{annotations}: category ids are not unique")
+    twice = sorted({cid for cid in category_ids if category_ids.count(cid) > 1})
+    if twice:
+        raise MakdError(f"{annotations}: category id {twice[0]} appears twice")
     label_of = {cid: k for k, cid in enumerate(category_ids)}
     rows: dict[int, int] = {}
     image_ids, paths, sizes = [], [], []
     for img in data["images"]:
         if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str) \
-                or not isinstance(img.get("height"), int) or not isinstance(img.get("width"), int):
-            raise MakdError(f"{annotations}: image {str(img)[:80]} needs integer id, height, width and a file_name")
+                or not isinstance(img.get("height"), int) or not isinstance(img.get("width"), int) \
+                or img["height"] < 1 or img["width"] < 1:
+            raise MakdError(f"{annotations}: image {str(img)[:80]} needs integer id, height and width >= 1, and a "
+                            "file_name")
         if img["id"] in rows:
             raise MakdError(f"{annotations}: image id {img['id']} appears twice")
         rows[img["id"]] = len(image_ids)
@@ -140,7 +146,8 @@ def read_coco(images: str | Path, annotations: str | Path, name: str) -> Detecti
             raise MakdError(f"{where}: unknown category_id {ann.get('category_id')!r}")
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
-            raise MakdError(f"{where}: bbox must be [x, y, width, height] with width, height >= 0, got {bbox!r}")
+            raise MakdError(f"{where}: bbox must be [x, y, width, height] of finite numbers with width, height >= 0, "
+                            f"got {bbox!r}")
         h, w = sizes[row]
         x1, y1 = min(max(bbox[0], 0.0), w), min(max(bbox[1], 0.0), h)
         x2, y2 = min(max(bbox[0] + bbox[2], 0.0), w), min(max(bbox[1] + bbox[3], 0.0), h)
@@ -262,7 +269,7 @@ def write_coco(root: Path, split: str, images: np.ndarray, boxes: list[np.ndarra
 
 def default_canvas_root(opts: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps([CANVAS_FORMAT, opts], sort_keys=True).encode()).hexdigest()[:10]
-    return Path(os.environ.get("MAKD_CACHE", Path.home() / ".cache" / "makd")) / f"canvases-{key}"
+    return cache_dir() / f"canvases-{key}"
 
 
 def ensure_canvases(config: Config) -> Path:

@@ -1,4 +1,5 @@
-"""torchrun DDP: process group set-up from torchrun's environment, and the few collectives the loop needs.
+"""DDP: the process group of a run started by torchrun, srun or submitit (makd/launchers.py says which process
+is which), and the few collectives the loop needs.
 
 One process per device. gloo on the CPU (tests), NCCL on GPUs. `train.batch_size` is the global batch of one
 optimizer step, so a config means the same training on any number of processes.
@@ -6,52 +7,39 @@ optimizer step, so a config means the same training on any number of processes.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import datetime
+import logging
 
 import torch
 import torch.distributed as dist
 
-from makd.errors import MakdError
+from makd.launchers import Dist, from_env, process_device
+
+__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown"]
+
+DEFAULT_TIMEOUT_MIN = 60.0
+log = logging.getLogger("makd.train")
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def seed_key(self) -> tuple[int, ...]:
-        """Appended to the parts of per-rank seeds; empty on rank 0, so a single process keeps its old seeds."""
-        return (self.rank,) if self.rank else ()
-
-
-def from_env() -> Dist:
-    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (a plain run is rank 0 of 1)."""
-    try:
-        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise MakdError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
-
-
-def init(info: Dist, device: torch.device) -> torch.device:
-    """Join the process group (gloo on the CPU, NCCL on GPUs); returns this process's device."""
-    if not info.enabled:
-        return device
+def init(info: Dist, device: torch.device, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> torch.device:
+    """This process's device (a GPU: its own, see `process_device`) and, with several processes, the process group
+    (gloo on the CPU, NCCL on GPUs) with an explicit timeout: how long a rank may wait in a collective for the
+    others (e.g. while rank 0 alone writes a checkpoint or evaluates) before the run is aborted."""
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+        # DDP needs one device per process: an explicit cuda:<i> is kept only by a process that runs alone.
+        requested = "cuda" if info.enabled or device.index is None else str(device)
+        device = torch.device(process_device(requested, info.local_rank, torch.cuda.device_count(), "train.device"))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not info.enabled or dist.is_initialized():
+        return device
+    where = {}
+    if info.master_addr:  # srun, submitit: rank 0's host and a port derived from the job id (torchrun: env://)
+        host = f"[{info.master_addr}]" if ":" in info.master_addr else info.master_addr
+        where = {"init_method": f"tcp://{host}:{info.master_port}"}
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    log.debug("DDP: %s on %s, %s, collectives time out after %g min", info.describe(), device, backend, timeout_min)
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_min), **where)
     return device
 
 

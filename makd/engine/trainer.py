@@ -89,7 +89,7 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
-NOT_TRAINING = ("generate.", "select.")  # sections only the question stages read
+NOT_TRAINING = ("generate.", "select.", "executor.")  # sections only the question stages and launchers read
 # Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it; loader
 # processes, as every batch's draws are seeded by its step), or only in float rounding: threads, the memory layout,
 # the evaluation batch size (batch norm is per image when evaluating) and GPU kernel choices (train.deterministic);
@@ -97,8 +97,8 @@ NOT_TRAINING = ("generate.", "select.")  # sections only the question stages rea
 # continues the same computation in another summation order.
 RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
                      "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
-                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory", "data.prefetch_factor",
-                     "train.deterministic"}
+                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory",
+                     "labels.lease_timeout", "train.dist_timeout_min", "data.prefetch_factor", "train.deterministic"}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -136,7 +136,7 @@ class Trainer:
         cfg = config.train
         self.run = Path(config.out)
         self.dist = distributed.from_env()
-        self.device = distributed.init(self.dist, resolve_device(cfg.device))
+        self.device = distributed.init(self.dist, resolve_device(cfg.device), cfg.dist_timeout_min)
         configure_backends(self.device, cfg.deterministic)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -1,34 +1,49 @@
-"""Where the cells of an experiment run: `local` worker processes, or `slurm` jobs through submitit.
+"""Where work runs: `local` worker processes, or `slurm` job arrays through submitit (makd/experiment/slurm.py).
 
-Every cell is an ordinary training run (`makd.engine.train`) into its own folder, so an executor only decides
-where and how many at a time; a killed cell resumes from its checkpoint when the grid runs again.
+The work is a training job (a grid cell, or seeds of one cell trained as one model) or a label worker (`makd label
+--executor`, and the label stores a grid's cells need). Both resume where they stopped — a run from its checkpoint,
+a label store at its missing shards — so an executor only decides where, how many at a time, and on Slurm requeues
+a job that reaches its time limit or is preempted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from makd.config import Config, load_config, save_config, to_dict
+from makd.config import Config, load_config, to_dict
 from makd.engine import train
 from makd.errors import MakdError
 from makd.experiment.grid import Executor
+from makd.labels.show import SampleSource
+from makd.launchers import LOCAL_WORKER_VARIABLE, from_env
 from makd.registry import Registry
 
 log = logging.getLogger("makd.experiment")
 
 
+class Work(Protocol):
+    """A unit an executor runs: picklable (it may run in another process or on another machine), resumable."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def quiet(self) -> Work:
+        """The same work without progress bars (a setting that changes nothing computed)."""
+        ...
+
+    def __call__(self, threads: int | None = None) -> list[dict[str, Any]]: ...
+
+
 @dataclass(frozen=True)
 class Job:
-    """One unit of work: a cell's config, or several seeds of one cell to train as one batched model."""
+    """Training: a cell's config, or several seeds of one cell to train as one batched model."""
 
     configs: tuple[dict[str, Any], ...]
 
@@ -36,18 +51,58 @@ class Job:
     def names(self) -> list[str]:
         return [c["name"] for c in self.configs]
 
+    def quiet(self) -> Job:
+        return Job(tuple({**c, "train": {**c.get("train", {}), "progress": False}} for c in self.configs))
 
-Outcome = tuple[Job, list[dict[str, Any]] | None, str | None]  # (job, results, error)
-Run = Callable[[Sequence[Job], Executor, Path], Iterator[Outcome]]  # (jobs, settings, work folder)
+    def __call__(self, threads: int | None = None) -> list[dict[str, Any]]:
+        return run_job(self, threads)
+
+
+@dataclass(frozen=True)
+class LabelWork:
+    """One label worker: what `makd label` runs in one process, into the config's label store. Several workers
+    (and the several processes of one Slurm job, one per GPU) share the store; the last to finish consolidates it."""
+
+    config: dict[str, Any]
+    worker: int
+    workers: int
+    samples: SampleSource | None = None  # default: the configured splits' images
+
+    @property
+    def names(self) -> list[str]:
+        return [f"label worker {self.worker + 1}/{self.workers} of {self.config['labels']['path']}"]
+
+    def quiet(self) -> LabelWork:
+        return replace(self, config={**self.config, "train": {**self.config.get("train", {}), "progress": False}})
+
+    def __call__(self, threads: int | None = None) -> list[dict[str, Any]]:
+        from makd.labels import label_from_config, samples_to_label
+
+        _set_threads(threads)
+        job = from_env()  # this worker's processes: one per GPU of its Slurm job, or this process alone
+        # Each process claims its share `rank/world` first, then any shard no live worker holds (makd/labels/leases.py):
+        # the shards of a worker that died are finished by the others.
+        store = label_from_config(load_config(base=self.config), rank=self.worker * job.world_size + job.rank,
+                                  world_size=self.workers * job.world_size, samples=self.samples or samples_to_label)
+        return [{"label_store": str(store.path), "missing_shards": len(store.missing_shards())}]
+
+
+Outcome = tuple[Work, list[dict[str, Any]] | None, str | None]  # (work, results, error)
+Run = Callable[[Sequence[Work], Executor, Path], Iterator[Outcome]]  # (work, settings, folder for job files)
 EXECUTORS: Registry[Run] = Registry("executor", "executor.name", modules=("makd.experiment.executors",))
 
 
-def run_job(job: Job, threads: int | None = None) -> list[dict[str, Any]]:
-    """Train the job's runs (in this process) and return their results."""
-    import torch
-
+def _set_threads(threads: int | None) -> None:
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
+
+
+def run_job(job: Job, threads: int | None = None) -> list[dict[str, Any]]:
+    """Train the job's runs (in this process: under srun or submitit, one process of a DDP run) and return their
+    results."""
+    _set_threads(threads)
     configs = [load_config(base=c) for c in job.configs]
     if len(configs) > 1:
         from makd.engine.seed_batch import train_seeds
@@ -56,84 +111,61 @@ def run_job(job: Job, threads: int | None = None) -> list[dict[str, Any]]:
     return [train(configs[0])]
 
 
-def _in_worker(job: Job, threads: int | None) -> list[dict[str, Any]]:
-    return run_job(job, threads)
+def label_workers(config: Config, workers: int, samples: SampleSource | None = None) -> list[LabelWork]:
+    return [LabelWork(to_dict(config), i, workers, samples) for i in range(workers)]
+
+
+def _take_local_rank(ranks: Any) -> None:
+    """Pool process initializer: a distinct local rank per worker process, so each takes its own GPU."""
+    os.environ[LOCAL_WORKER_VARIABLE] = str(ranks.get())
+
+
+def _in_worker(work: Work, threads: int | None) -> list[dict[str, Any]]:
+    return work(threads)
 
 
 @EXECUTORS.register("local")
-def run_local(jobs: Sequence[Job], executor: Executor, workdir: Path) -> Iterator[Outcome]:
-    """`workers` processes with `threads` torch threads each; one worker runs in this process (no start-up cost)."""
+def run_local(works: Sequence[Work], executor: Executor, workdir: Path) -> Iterator[Outcome]:
+    """`workers` processes with `threads` torch threads each, each on its own GPU when there are GPUs; one worker
+    runs in this process (no start-up cost)."""
     threads = executor.threads or max(1, (os.cpu_count() or 1) // executor.workers)
-    if executor.workers == 1:
-        for job in jobs:
-            yield _guarded(job, lambda: run_job(job, threads))
+    if not works:
         return
-    jobs = [quiet(job) for job in jobs]  # the grid's bar only: workers' epoch bars would overwrite each other
-    # spawn: a forked torch with live OpenMP threads can deadlock.
-    with ProcessPoolExecutor(executor.workers, mp_context=get_context("spawn")) as pool:
-        futures: dict[Future, Job] = {pool.submit(_in_worker, job, threads): job for job in jobs}
+    if executor.workers == 1:
+        for work in works:
+            yield guarded(work, lambda: work(threads))
+        return
+    works = [work.quiet() for work in works]  # the caller's bar only: workers' bars would overwrite each other
+    processes = min(executor.workers, len(works))
+    context = get_context("spawn")  # a forked torch with live OpenMP threads can deadlock
+    ranks = context.Queue()
+    for rank in range(processes):
+        ranks.put(rank)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_take_local_rank, initargs=(ranks,)) as pool:
+        futures: dict[Future, Work] = {pool.submit(_in_worker, work, threads): work for work in works}
         for future in as_completed(futures):
-            yield _guarded(futures[future], future.result)
+            yield guarded(futures[future], future.result)
 
 
-def quiet(job: Job) -> Job:
-    """The job without per-epoch progress bars (a setting that changes nothing a run computes)."""
-    return Job(tuple({**c, "train": {**c.get("train", {}), "progress": False}} for c in job.configs))
-
-
-def _guarded(job: Job, compute: Callable[[], list[dict[str, Any]]]) -> Outcome:
-    """A cell that fails with a user error is reported and the grid goes on with the others."""
+def guarded(work: Work, compute: Callable[[], list[dict[str, Any]]]) -> Outcome:
+    """Work that fails with a user error is reported and the caller goes on with the rest."""
     try:
-        return job, compute(), None
+        return work, compute(), None
     except MakdError as exc:
-        return job, None, str(exc)
-
-
-def slurm_job(configs: list[dict[str, Any]], gpus: int) -> list[dict[str, Any]]:
-    """What a Slurm job runs: the cell in this process, or under torchrun on the job's GPUs."""
-    if gpus <= 1 or len(configs) > 1:
-        return run_job(Job(tuple(configs)))
-    config = load_config(base=configs[0])
-    path = Path(config.out) / "cell.yaml"
-    save_config(config, path)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "makd", "train",
-                    "-c", str(path)], check=True)
-    from makd.atomic import read_json
-
-    return [read_json(Path(config.out) / "results.json", "results")]
-
-
-SUBMITIT_KEYS = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
-                 "time_min": "timeout_min", "cpus": "cpus_per_task", "gpus": "gpus_per_node", "mem_gb": "mem_gb",
-                 "constraint": "slurm_constraint", "array_parallelism": "slurm_array_parallelism"}
+        return work, None, str(exc)
 
 
 @EXECUTORS.register("slurm")
-def run_slurm(jobs: Sequence[Job], executor: Executor, workdir: Path) -> Iterator[Outcome]:
-    """One Slurm job per cell through submitit (`cluster: local` runs them as local processes, for tests and
-    laptops; logs go to <out>/submitit/); extra executor keys map to submitit's: partition, account, qos, time_min, cpus, gpus, mem_gb,
-    constraint, array_parallelism."""
+def run_slurm(works: Sequence[Work], executor: Executor, workdir: Path) -> Iterator[Outcome]:
+    """One Slurm job array through submitit (`cluster: local` runs the jobs as local processes: tests, laptops);
+    see makd/experiment/slurm.py."""
     try:
-        import submitit
-    except ImportError:
+        from makd.experiment.slurm import run_array
+    except ImportError as exc:
+        if "submitit" not in str(exc):
+            raise
         raise MakdError("executor.name=slurm needs submitit: pip install submitit") from None
-    extra = dict(executor.model_extra or {})
-    folder = Path(extra.pop("folder", workdir / "submitit"))
-    cluster = extra.pop("cluster", None)
-    unknown = sorted(set(extra) - set(SUBMITIT_KEYS))
-    if unknown:
-        raise MakdError(f"executor.{unknown[0]}: unknown option (choose from folder, cluster, {', '.join(SUBMITIT_KEYS)})")
-    gpus = int(extra.get("gpus", 0))
-    params = {SUBMITIT_KEYS[k]: v for k, v in extra.items()}
-    pool = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    pool.update_parameters(name="makd", tasks_per_node=1, **params)
-    submitted = [(job, pool.submit(slurm_job, list(job.configs), gpus)) for job in jobs]
-    for job, handle in submitted:
-        try:
-            yield job, handle.result(), None
-        except Exception as exc:  # the job's own traceback is in submitit's log folder
-            yield job, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''} " \
-                             f"(logs: {folder})"
+    yield from run_array(works, executor, workdir)
 
 
 def job_configs(configs: Sequence[Config]) -> Job:

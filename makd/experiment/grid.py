@@ -38,6 +38,7 @@ import pydantic
 import yaml
 
 from makd.config import Config, builtin_config, config_layers, deep_merge, load_config
+from makd.config import ExecutorConfig as Executor  # where cells run: the same keys as `makd label`'s
 from makd.errors import MakdError
 from makd.validation import validate
 
@@ -73,17 +74,6 @@ class Ablation(pydantic.BaseModel):
     @classmethod
     def _shorthand(cls, values: Any) -> Any:
         return {str(k): _setting(v) for k, v in values.items()} if isinstance(values, dict) else values
-
-
-class Executor(pydantic.BaseModel):
-    """Where cells run: `local` (worker processes on this machine) or `slurm` (one job per cell, via submitit)."""
-
-    model_config = pydantic.ConfigDict(extra="allow", frozen=True)
-
-    name: str = "local"
-    workers: int = pydantic.Field(1, ge=1)
-    threads: int | None = pydantic.Field(None, ge=1)  # torch threads per worker (default: cores / workers)
-    batch_seeds: int = pydantic.Field(1, ge=1)  # train up to this many seeds of a cell as one batched model
 
 
 class GridFile(pydantic.BaseModel):

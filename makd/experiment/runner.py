@@ -1,14 +1,15 @@
 """`makd experiment` as a library call: plan the cells of a grid, run the missing ones, collect the results.
 
 Finished cells (a results.json written with the same config) are read back, interrupted ones resume from their
-checkpoint, a cell whose folder holds a run of another config is an error (never silently reused).
+checkpoint, a cell whose folder holds a run of another config is an error (never silently reused). The label
+stores the cells learn from are made first, once each, through the same executor as the cells.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from makd.atomic import read_json
 from makd.config import Config, load_config, resolve_path, to_dict
 from makd.engine.trainer import config_changes
 from makd.errors import MakdError
-from makd.experiment.executors import EXECUTORS, Job, job_configs
+from makd.experiment.executors import EXECUTORS, Job, SampleSource, job_configs, label_workers
 from makd.experiment.grid import Cell, Executor, Grid
-from makd.labels import LabelStore
+from makd.labels import LabelStore, samples_to_label
+from makd.labels.store import META_FILE
 from makd.questions import QuestionSet
 
 log = logging.getLogger("makd.experiment")
@@ -119,10 +121,78 @@ def batch_jobs(cells: Sequence[PlannedCell], batch_seeds: int) -> list[Job]:
     return jobs
 
 
-def run_grid(grid: Grid, executor: Executor | None = None, progress: bool = True) -> Outcome:
-    """Run every cell not yet done; returns the results of all finished cells."""
+# What a store is made from: what `makd label` reads (labels.permute only decides how a cell uses the store).
+LABELLING_KEYS = ("task", "questions", "data", "teacher", "detection")
+
+
+def made_from(config: Config) -> dict[str, Any]:
+    settings = to_dict(config)
+    return {**{k: settings[k] for k in LABELLING_KEYS},
+            "labels": {k: v for k, v in settings["labels"].items() if k != "permute"}}
+
+
+def needs_labels(config: Config) -> bool:
+    """Does the cell's loss learn from teacher answers (a term registered with needs_aspects, weight > 0)?"""
+    from makd.losses import LOSSES
+
+    return any(term.weight > 0 and name in LOSSES.names() and LOSSES.entry(name).info.get("needs_aspects")
+               for name, term in config.loss.items())
+
+
+def stores_to_label(grid: Grid) -> dict[str, Config]:
+    """The label stores the grid's cells learn from that are missing or incomplete, each with the config of the
+    first cell that needs it. Cells that share a store must agree on what it is made from."""
+    stores: dict[str, tuple[Cell, Config, dict[str, Any]]] = {}
+    for cell in grid.cells():
+        config = grid.config(cell)  # the cell's own store (a question subset is cut from it afterwards)
+        if not needs_labels(config) or not config.labels.path:
+            continue  # (the cell itself says what is missing)
+        path, settings = str(config.labels.path), made_from(config)
+        first, _, first_settings = stores.setdefault(path, (cell, config, settings))
+        differ = [k for k in settings if settings[k] != first_settings[k]]
+        if differ and not complete(path):
+            raise MakdError(f"cells {first.name} and {cell.name} learn from the label store {path} but label it with "
+                            f"different {differ[0]} settings: give them different labels.path, or make the store "
+                            f"once with `makd label`")
+    return {path: config for path, (_, config, _) in stores.items() if not complete(path)}
+
+
+def complete(path: str) -> bool:
+    return (Path(path) / META_FILE).is_file() and not LabelStore.open(path).missing_shards()
+
+
+def label_stores(grid: Grid, executor: Executor, samples_of: Callable[[Config], SampleSource] | None = None) -> None:
+    """Make the label stores the cells need (`executor.workers` label workers each, through the cells' executor);
+    `samples_of(config)` says what a config labels (default: its images; the CLI passes detection's box crops)."""
+    stores = stores_to_label(grid)
+    for path, config in stores.items():
+        if samples_of is None and config.task != "classification":
+            raise MakdError(f"label store {path}: label it first with `makd label` (what a {config.task} config labels "
+                            "is for the command line to say)")
+        log.info("%s: labelling %s first (%d worker(s) on %s), which its cells learn from", grid.spec.name, path,
+                 executor.workers, executor.name)
+    works = [work for config in stores.values() for work in
+             label_workers(config, executor.workers, samples_of(config) if samples_of else samples_to_label)]
+    failed = [(work, error) for work, _, error in EXECUTORS.get(executor.name)(works, executor, grid.out) if error]
+    if failed:
+        raise MakdError(f"{failed[0][0].names[0]} failed: {failed[0][1]} (the cells that learn from it cannot train; "
+                        "re-run to resume the labelling)")
+    unfinished = [path for path in stores if not complete(path)]
+    if unfinished:
+        raise MakdError(f"label store {unfinished[0]} is still incomplete after its workers ended: `makd labels check "
+                        f"{unfinished[0]}` lists its missing shards; re-run to label them")
+
+
+def run_grid(grid: Grid, executor: Executor | None = None, progress: bool = True,
+             samples_of: Callable[[Config], SampleSource] | None = None) -> Outcome:
+    """Make the label stores the cells need, then run every cell not yet done; returns the results of all
+    finished cells."""
     executor = executor or grid.spec.executor
     EXECUTORS.get(executor.name)  # an unknown executor fails before any work
+    if executor.batch_seeds > 1 and (executor.nodes > 1 or (executor.tasks_per_node or executor.gpus) > 1):
+        raise MakdError("executor.batch_seeds trains several seeds as one model in one process: use it with one "
+                        "process a job (nodes 1, gpus and tasks_per_node at most 1)")
+    label_stores(grid, executor, samples_of)
     planned = plan(grid)
     outcome = Outcome(planned)
     todo = [p for p in planned if p.status != DONE and p.same_as is None]

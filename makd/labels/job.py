@@ -4,36 +4,30 @@ whether a store covers the samples a config trains and evaluates on (`split_cove
 
 from __future__ import annotations
 
-import datetime
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from makd.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
 from makd.data.base import per_class_sample
 from makd.errors import MakdError
-from makd.labels.store import (
-    FORMAT,
-    IDENTITY_KEYS,
-    META_FILE,
-    LabelStore,
-    ids_hash,
-    shard_name,
-    shard_table,
-    software_versions,
-)
+from makd.labels.inputs import shard_batches
+from makd.labels.leases import DEFAULT_TIMEOUT_S
+from makd.labels.listing import shared_samples
+from makd.labels.store import LabelStore, Skipped, shard_name
+from makd.labels.writer import LabelWriter
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
-from makd.teachers.base import AspectScores, Teacher, provenance, teacher_inputs
+from makd.teachers.base import AspectScores, Teacher, provenance
+
+log = logging.getLogger("makd.labels")
 
 
 def samples_by_split(config: Config, uncapped: tuple[str, ...] = ()) -> dict[str, ImageSplit]:
@@ -59,41 +53,54 @@ def samples_to_label(config: Config) -> ImageSplit:
 
 @dataclass
 class SplitCoverage:
-    """How many of one split's samples have a row in a label store, and which do not."""
+    """How many of one split's samples have a row in a label store, and which do not (and why, when known)."""
 
     split: str
     total: int
     missing: list[str]
     required: str  # who needs these rows
+    unreadable: dict[str, str] = field(default_factory=dict)  # of `missing`: skipped when labelled, with the reason
 
     def report(self) -> str:
         line = f"{self.split}: {self.total - len(self.missing)} of {self.total} samples have a row"
         if not self.missing:
             return line
         shown = ", ".join(repr(sid) for sid in self.missing[:5]) + (", ..." if len(self.missing) > 5 else "")
-        return f"{line}; {len(self.missing)} missing ({shown}): {self.required}"
+        line = f"{line}; {len(self.missing)} missing ({shown}): {self.required}"
+        if len(self.unreadable) < len(self.missing):
+            line += "; run `makd label` with this config to label them"
+        if self.unreadable:
+            sid, reason = next(iter(self.unreadable.items()))
+            line += (f"; {len(self.unreadable)} of them skipped when labelled, their image could not be read "
+                     f"({sid!r}: {reason}): repair them and run `makd label --retry-skipped`")
+        return line
 
 
-def split_coverage(config: Config, stored_ids: pa.Array,
-                   samples: Callable[[Config], ImageSplit] | None = None) -> list[SplitCoverage]:
+def split_coverage(config: Config, stored_ids: pa.Array, samples: Callable[[Config], ImageSplit] | None = None,
+                   skipped: list[Skipped] | None = None) -> list[SplitCoverage]:
     """Per split of labels.splits: the samples that the config trains on (every training sample: `makd train`
-    looks each one up) or evaluates on (those `makd label` would label) without a row among `stored_ids`.
-    With `samples` (e.g. detection's box crops), one entry for all the samples it makes."""
+    looks each one up) or evaluates on (those `makd label` would label) without a row among `stored_ids`, with
+    the reason of those the store records as `skipped`. With `samples` (e.g. detection's box crops), one entry
+    for all the samples it makes."""
     splits = {"+".join(config.labels.splits): samples(config)} if samples else samples_by_split(config, uncapped=("train",))
+    reasons = {s.sample_id: s.reason for s in skipped or []}
     coverage = []
     for name, split in splits.items():
         has_row = pc.is_in(pa.array(split.sample_ids, pa.string()), value_set=stored_ids).to_numpy(zero_copy_only=False)
+        missing = [split.sample_ids[i] for i in np.flatnonzero(~has_row)]
         required = ("`makd train` needs a row for every training sample" if name.startswith("train")
                     else f"the aspect agreement on {name} leaves them out")
-        coverage.append(SplitCoverage(name, len(split), [split.sample_ids[i] for i in np.flatnonzero(~has_row)],
-                                      f"{required}; run `makd label` with this config to label them"))
+        coverage.append(SplitCoverage(name, len(split), missing, required,
+                                      {sid: reasons[sid] for sid in missing if sid in reasons}))
     return coverage
 
 
-def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, overwrite: bool = False,
+def label_from_config(config: Config, *, rank: int | None = None, world_size: int | None = None,
+                      overwrite: bool = False, retry_skipped: bool = False,
                       samples: Callable[[Config], ImageSplit] = samples_to_label) -> LabelStore:
     """`makd label`: every sample `samples(config)` makes (the configured splits' images, or e.g. box crops for
-    detection), answered by the configured teacher, into the label store at `labels.path`."""
+    detection), answered by the configured teacher, into the label store at `labels.path`. The sample list is
+    shared by the job's workers through the store's listing (`makd.labels.listing`)."""
     if not config.labels.path:
         raise MakdError("labels.path: where should the label store go? (e.g. labels.path=labels/my-dataset)")
     if not config.questions:
@@ -102,88 +109,72 @@ def label_from_config(config: Config, *, rank: int = 0, world_size: int = 1, ove
     if unknown:
         raise MakdError(f"labels.max_per_class: {sorted(unknown)[0]!r} is not one of labels.splits {config.labels.splits}")
     questions = QuestionSet.load(resolve_path(config.questions))
-    split = samples(config)
+    split = shared_samples(config, Path(config.labels.path), samples, lease_timeout=config.labels.lease_timeout,
+                           overwrite=overwrite)
     if list(questions.classes) != split.class_names:
         raise MakdError(f"question set {config.questions} is for classes {list(questions.classes)[:3]}..., "
                         f"the dataset has {split.class_names[:3]}...")
     teacher = build_teacher(config.teacher)
     return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
-                       rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress)
-
-
-def _metadata(split: ImageSplit, teacher: Teacher, questions: QuestionSet, shard_size: int) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "question_set_hash": questions.hash,
-        "questions": [{"id": q.id, "text": q.text} for q in questions.questions],
-        "classes": list(questions.classes),
-        "teacher": provenance(teacher, questions),
-        "dataset": split.info,
-        "num_samples": len(split),
-        "sample_ids_hash": ids_hash(split.sample_ids),
-        "shard_size": shard_size,
-        "software": software_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _start_or_resume(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    meta_path = out / META_FILE
-    if meta_path.is_file() and not overwrite:
-        old = read_json(meta_path, "label store metadata")
-        for key in IDENTITY_KEYS:
-            if old.get(key) != meta[key]:
-                raise MakdError(f"label store {out} was started with a different {key} "
-                                f"({str(old.get(key))[:80]} vs {str(meta[key])[:80]}): use another folder, or --overwrite")
-        return
-    if overwrite:
-        for stale in out.glob("shard-*.parquet"):
-            stale.unlink()
-    write_json(meta_path, meta)
+                       rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress,
+                       lease_timeout=config.labels.lease_timeout, retry_skipped=retry_skipped,
+                       workers=config.data.num_workers)
 
 
 def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out: str | Path, *,
-                shard_size: int = 512, rank: int = 0, world_size: int = 1, overwrite: bool = False,
-                progress: bool = True) -> LabelStore:
-    """Score every sample of `split` with `teacher`, writing shards this worker owns; skip finished ones."""
-    if not 0 <= rank < world_size:
+                shard_size: int = 512, rank: int | None = None, world_size: int | None = None,
+                overwrite: bool = False, progress: bool = True, lease_timeout: float = DEFAULT_TIMEOUT_S,
+                retry_skipped: bool = False, share_only: bool = False, workers: int = 0) -> LabelStore:
+    """Score every sample of `split` with `teacher` into the store at `out`: each shard this worker claims
+    (`LabelWriter.claim_shards`: its rank's share first, then any other; finished shards are never redone), then
+    the consolidated table once the last shard is written. Samples whose image cannot be read are recorded as
+    skipped (`labels check` lists them); a shard none of whose images (two or more) can be read stops the job."""
+    if world_size is not None and rank is not None and not 0 <= rank < world_size:
         raise MakdError(f"shard {rank}/{world_size}: rank must be in [0, {world_size})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _start_or_resume(out, _metadata(split, teacher, questions, shard_size), overwrite)
-    store = LabelStore.open(out)
-    remove_stale_temporaries(out)  # of killed writers; those of live workers stay
-    todo = [i for i in store.missing_shards() if i % world_size == rank]
-    total = sum(min(shard_size, len(split) - i * shard_size) for i in todo)
-    inputs = teacher_inputs(teacher)
-    with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
-        for index in todo:
-            if hasattr(teacher, "start_shard"):  # optional hook (teachers/base.py)
-                teacher.start_shard()
-            rows = range(index * shard_size, min((index + 1) * shard_size, len(split)))
-            parts: list[AspectScores] = []
-            for start in range(rows.start, rows.stop, teacher.batch_size):
-                batch = range(start, min(start + teacher.batch_size, rows.stop))
-                extra: dict[str, Any] = {}
-                if "classes" in inputs:
-                    extra["classes"] = split.targets[start:batch.stop]
-                if "sample_ids" in inputs:
-                    extra["sample_ids"] = split.sample_ids[start:batch.stop]
-                scores = teacher.score(split.images(batch) if "images" in inputs else [], questions, **extra)
-                if scores.logodds.shape != (len(batch), len(questions)):
-                    raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
-                                       f"for {len(batch)} images x {len(questions)} questions")
-                parts.append(scores)
-                bar.update(len(batch))
-            flags = np.concatenate([p.flags for p in parts]) if parts[0].flags is not None else None
-            table = shard_table([split.sample_ids[i] for i in rows], np.concatenate([p.logodds for p in parts]),
-                                np.concatenate([p.mass for p in parts]), flags)
-            problems = store.validate_rows([(index, table)])[1]
-            if problems:
-                raise MakdError(f"teacher {teacher.name} returned targets a label store cannot hold (not written): "
-                                f"{problems[0]}")
-            with atomic_path(out / shard_name(index)) as tmp:
-                pq.write_table(table, tmp)
-    if not store.missing_shards():  # the last worker to finish builds the memory-mapped table for readers
-        store.consolidate()
-    return store
+    writer = LabelWriter.open(out, questions, provenance(teacher, questions), split.sample_ids, shard_size=shard_size,
+                              dataset=split.info, overwrite=overwrite)
+    todo = writer.missing_shards()
+    total = sum(len(writer.shard_rows(i)) for i in todo)
+    shards = writer.claim_shards(rank=rank, world_size=world_size, lease_timeout=lease_timeout,
+                                 retry_skipped=retry_skipped, share_only=share_only)
+    try:
+        with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
+            for index in shards:
+                _label_shard(writer, index, split, teacher, questions, bar, workers)
+    finally:
+        shards.close()
+    return writer.finish(lease_timeout)
+
+
+def _label_shard(writer: LabelWriter, index: int, split: ImageSplit, teacher: Teacher, questions: QuestionSet,
+                 bar: tqdm, workers: int) -> None:
+    if hasattr(teacher, "start_shard"):  # optional hook (teachers/base.py)
+        teacher.start_shard()
+    rows = writer.shard_rows(index)
+    parts: list[AspectScores] = []
+    done: list[int] = []
+    skipped: dict[str, str] = {}
+    for batch in shard_batches(split, rows, teacher, workers=workers):
+        skipped.update((split.sample_ids[i], reason) for i, reason in batch.failed)
+        if batch.positions:
+            inputs = dict(batch.inputs)
+            scores = teacher.score(inputs.pop("images", []), questions, **inputs)
+            if scores.logodds.shape != (len(batch.positions), len(questions)):
+                raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
+                                   f"for {len(batch.positions)} images x {len(questions)} questions")
+            parts.append(scores)
+            done += batch.positions
+        bar.update(len(batch.positions) + len(batch.failed))
+    if not done and len(rows) > 1:
+        first = next(iter(skipped.items()))
+        raise MakdError(f"none of the {len(rows)} images of {shard_name(index)} could be read ({first[0]}: {first[1]}): "
+                        "is the dataset where the config says? (single unreadable images are skipped and recorded)")
+    if skipped:
+        log.warning("%s: %d image(s) could not be read and were skipped (first %s: %s)", shard_name(index),
+                    len(skipped), *next(iter(skipped.items())))
+    q = len(questions)
+    flags = np.concatenate([p.flags for p in parts]) if parts and parts[0].flags is not None else None
+    writer.write_shard(index, [split.sample_ids[i] for i in done],
+                       np.concatenate([p.logodds for p in parts]) if parts else np.zeros((0, q), np.float32),
+                       np.concatenate([p.mass for p in parts]) if parts else np.zeros((0, q), np.float32),
+                       flags, skipped)

@@ -4,8 +4,14 @@
 bounded by the top-k); stores without the column read exactly as before.
 
 Shard i always holds samples [i * shard_size, (i + 1) * shard_size) of the recorded sample order, and is
-written under a temporary name then renamed, so a killed job resumes at the first missing shard, and
-workers of a sharded job (rank r of n takes shards i with i % n == r) never collide.
+written under a temporary name then renamed, so a killed job resumes at the first missing shard, and the
+workers of a job, which claim shards with leases (`makd.labels.leases`), never leave half a shard.
+
+A sample whose image could not be read has no row: its shard records it in its Parquet metadata
+(`makd.skipped`: a JSON list of [position in the sample order, sample id, one-line reason]), written in the
+same atomic rename as the rows, so the shard is still complete and the store can be finished; `labels check`
+lists such samples, and a reader that asks for one is told why it has no row. Shards without the key (every
+store written before) have no skipped samples.
 
 Readers never parse the shards one by one: a complete store is consolidated once into `labels.arrow` (one
 uncompressed Arrow IPC record batch, derived from the shards and rebuilt whenever they change), which is
@@ -22,12 +28,17 @@ shard before writing it, and `makd labels check` lists every problem the same fu
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import logging
 import os
 import platform
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +61,8 @@ log = logging.getLogger("makd.labels")
 IDENTITY_KEYS = ("format", "question_set_hash", "teacher", "num_samples", "sample_ids_hash", "shard_size")
 REQUIRED_KEYS = ("question_set_hash", "questions", "classes", "num_samples", "sample_ids_hash", "shard_size")
 # What `validate_rows` checks, recorded in labels.arrow; a new value makes older tables stale (rebuilt, validated).
-VALIDATION = "1"
+VALIDATION = "2"  # 2: skipped samples (a shard's rows plus its skipped samples make its share of the sample order)
+SKIPPED_KEY = b"makd.skipped"  # Parquet/Arrow schema metadata: [[position, sample id, reason], ...]
 MAX_LISTED = 20  # problems `labels check` prints one by one
 # P(yes) + P(no) summed in float32 (or from a server's rounded logprobs) can exceed 1 by a few ulps: not an error.
 MASS_ROUNDING = 1e-3
@@ -65,14 +77,56 @@ def shard_name(index: int) -> str:
 
 
 def software_versions() -> dict[str, str]:
-    import torch
-
-    return {"makd": makd.__version__, "python": platform.python_version(), "torch": torch.__version__,
+    return {"makd": makd.__version__, "python": platform.python_version(), "torch": _torch_version(),
             "pyarrow": pa.__version__, "numpy": np.__version__}
 
 
+def _torch_version() -> str:
+    """torch.__version__ (with its build tag, e.g. +cu130) without importing torch when it is not loaded: that takes
+    seconds, and a worker of a server-side teacher never needs it."""
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "not installed"
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text(encoding="utf-8")
+        return re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)[1]
+    except (OSError, TypeError):
+        return importlib.metadata.version("torch")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample without a row: its image could not be read when it was labelled."""
+
+    position: int  # in the store's sample order
+    sample_id: str
+    reason: str
+
+
+def skipped_of(table: pa.Table | pa.Schema) -> list[Skipped]:
+    """The skipped samples a shard (or the consolidated table) records; ValueError when the record is damaged."""
+    schema = table if isinstance(table, pa.Schema) else table.schema
+    raw = (schema.metadata or {}).get(SKIPPED_KEY)
+    if raw is None:
+        return []
+    try:
+        return [Skipped(int(position), str(sid), str(reason)) for position, sid, reason in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"its record of skipped samples is damaged ({exc})") from None
+
+
+def with_skipped(table: pa.Table, skipped: Sequence[Skipped]) -> pa.Table:
+    """`table` recording `skipped` in its schema metadata (kept by Parquet and Arrow IPC files)."""
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != SKIPPED_KEY}
+    if skipped:
+        metadata[SKIPPED_KEY] = json.dumps([[s.position, s.sample_id, s.reason] for s in skipped]).encode()
+    return table.replace_schema_metadata(metadata or None)
+
+
 def shard_table(sample_ids: Sequence[str], logodds: np.ndarray, mass: np.ndarray,
-                flags: np.ndarray | None = None) -> pa.Table:
+                flags: np.ndarray | None = None, skipped: Sequence[Skipped] = ()) -> pa.Table:
     q = logodds.shape[1]
 
     def fixed(values: np.ndarray, dtype: type = np.float32) -> pa.FixedSizeListArray:
@@ -81,7 +135,7 @@ def shard_table(sample_ids: Sequence[str], logodds: np.ndarray, mass: np.ndarray
     columns = {"sample_id": pa.array(list(sample_ids), pa.string()), "logodds": fixed(logodds), "mass": fixed(mass)}
     if flags is not None:
         columns["flags"] = fixed(flags, np.uint8)
-    return pa.table(columns)
+    return with_skipped(pa.table(columns), skipped)
 
 
 @dataclass
@@ -94,6 +148,7 @@ class Coverage:
     problems: list[str]  # everything `LabelStore.validate_rows` finds, and unreadable shards
     leftovers: int  # temporary files of writers that were killed (harmless; removed when a writer starts here)
     sample_ids: pa.Array  # the ids of the rows present and readable (to check a config's samples against)
+    skipped: list[Skipped] = field(default_factory=list)  # samples of the present shards whose image did not load
 
     @property
     def complete(self) -> bool:
@@ -103,10 +158,10 @@ class Coverage:
         lines = [f"{self.num_samples} samples in {self.num_shards} shards: "
                  f"{self.num_shards - len(self.missing)} present, {len(self.missing)} missing"]
         if self.missing:
-            lines.append(f"missing shards: {_ranges(self.missing)}")
+            lines.append(f"missing shards: {index_ranges(self.missing)}")
             if world_size:
                 by_rank = {r: [i for i in self.missing if i % world_size == r] for r in range(world_size)}
-                lines += [f"  rank {r}/{world_size}: {_ranges(m)}" for r, m in by_rank.items() if m]
+                lines += [f"  rank {r}/{world_size}: {index_ranges(m)}" for r, m in by_rank.items() if m]
         lines += self.problems[:MAX_LISTED]
         if len(self.problems) > MAX_LISTED:
             lines.append(f"... and {len(self.problems) - MAX_LISTED} more problems")
@@ -114,12 +169,25 @@ class Coverage:
             lines.append("delete the shards named and resume `makd label` to relabel them")
         if self.leftovers:
             lines.append(f"{self.leftovers} temporary file(s) of interrupted writers (removed when a writer starts here)")
+        if self.skipped:
+            lines += skipped_lines(self.skipped, self.num_samples)
         if self.complete:
-            lines.append("complete: every sample covered exactly once, in the recorded sample order")
+            lines.append("complete: every sample covered exactly once, in the recorded sample order"
+                         + (" (skipped ones by their record)" if self.skipped else ""))
         return "\n".join(lines)
 
 
-def _ranges(indices: list[int]) -> str:
+def skipped_lines(skipped: Sequence[Skipped], num_samples: int) -> list[str]:
+    """What `labels check` says about samples whose image could not be read."""
+    lines = [f"{len(skipped)} of {num_samples} samples skipped: their image could not be read, they have no row "
+             "(repair them, then `makd label --retry-skipped` labels them)"]
+    lines += [f"  {s.sample_id}: {s.reason}" for s in skipped[:MAX_LISTED]]
+    if len(skipped) > MAX_LISTED:
+        lines.append(f"  ... and {len(skipped) - MAX_LISTED} more")
+    return lines
+
+
+def index_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     parts, start = [], None
     for i, value in enumerate(indices):
@@ -164,20 +232,20 @@ class LabelStore:
     def num_shards(self) -> int:
         return -(-self.meta["num_samples"] // self.meta["shard_size"])
 
-    def _shard_files(self) -> dict[str, os.stat_result]:
+    def shard_files(self) -> dict[str, os.stat_result]:
         """Present shard files by name (one directory scan, not a lookup per shard)."""
         with os.scandir(self.path) as entries:
             return {e.name: e.stat() for e in entries if e.name.startswith("shard-") and e.is_file()}
 
     def missing_shards(self, present: dict[str, os.stat_result] | None = None) -> list[int]:
-        present = self._shard_files() if present is None else present
+        present = self.shard_files() if present is None else present
         return [i for i in range(self.num_shards) if shard_name(i) not in present]
 
     def check(self) -> Coverage:
         """The merge step of a sharded job, and a full check of what is there: missing shards, then every problem
         `validate_rows` finds in the present ones (a complete store whose table was validated when built is
         not read again)."""
-        files = self._shard_files()
+        files = self.shard_files()
         missing = self.missing_shards(files)
         table = None if missing else self._mapped_table(self._shards_key(files))
         problems: list[str] = []
@@ -187,8 +255,9 @@ class LabelStore:
             table, found = self.validate_rows(shards)
             problems += found
         ids = table.column("sample_id").combine_chunks() if table is not None else pa.array([], pa.string())
+        skipped = skipped_of(table) if table is not None else []
         return Coverage(self.meta["num_samples"], self.num_shards, missing, problems,
-                        len(stale_temporaries(self.path)), ids)
+                        len(stale_temporaries(self.path)), ids, skipped)
 
     def _read_shards(self, indices: Iterable[int]) -> tuple[list[tuple[int, pa.Table]], list[str]]:
         """(index, table) of each shard that reads, and a problem for each one that does not."""
@@ -206,21 +275,35 @@ class LabelStore:
         store order; every problem). Each problem is one line naming the shard file and, for values, the first
         bad (sample id, question id).
 
-        Per shard: the row count its position implies; the columns and their width, which must be Q of
-        labels.json (a narrower shard would otherwise be reshaped into targets shifted across samples); no
-        missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample id; for a
-        complete store, the sample order the job was started with."""
-        problems, good = [], []
+        Per shard: the row count its position implies (less the samples it records as skipped, which must lie in
+        its share); the types (a shard another tool wrote with large strings or lists of doubles is read in the
+        store's types, or the first row whose list does not hold Q values is named); the columns and their width,
+        which must be Q of labels.json (a narrower shard would otherwise be reshaped into targets shifted across
+        samples); no missing values. Over all rows, vectorised: finite log-odds, mass in [0, 1], one row per sample
+        id; for a complete store, the sample order the job was started with (skipped samples at their positions).
+        The returned table records the skipped samples in its metadata."""
+        problems, good, skipped, passed = [], [], [], 0
         for index, table in shards:
-            problem = self._layout_problem(shard_name(index), table, self._expected_rows(index))
-            if problem is None and good and table.column_names != good[0][1].column_names:
+            try:
+                skips = self._skipped_in(index, table)
+                table, problem = self._as_store_types(shard_name(index), table)
+                problem = problem or self._layout_problem(shard_name(index), table,
+                                                          self._expected_rows(index) - len(skips))
+            except ValueError as exc:
+                skips, problem = [], f"{shard_name(index)}: {exc}"
+            if problem is None and good and table.num_rows and table.column_names != good[0][1].column_names:
                 problem = (f"{shard_name(index)}: columns {table.column_names} differ from "
                            f"{shard_name(good[0][0])}'s {good[0][1].column_names}")
             if problem is None:
-                good.append((index, table.replace_schema_metadata()))
+                passed += 1
+                skipped += skips
+                if table.num_rows:  # a shard whose every sample was skipped adds no rows (nor flags column)
+                    good.append((index, table.replace_schema_metadata()))
             else:
                 problems.append(problem)
         if not good:
+            if passed == self.num_shards and not problems:
+                problems.append("no sample has a row: every one was skipped as unreadable (`makd labels check`)")
             return None, problems
         table = pa.concat_tables([t for _, t in good]).combine_chunks()
         starts = np.cumsum([0] + [t.num_rows for _, t in good])[:-1]
@@ -232,12 +315,59 @@ class LabelStore:
         ids = table.column("sample_id").to_pylist()
         if len(set(ids)) != len(ids):
             problems.append(_duplicates(ids, shard_of_row))
-        elif len(good) == self.num_shards and not problems and ids_hash(ids) != self.meta["sample_ids_hash"]:
+        elif (passed == self.num_shards and not problems
+              and ids_hash(_in_sample_order(ids, skipped)) != self.meta["sample_ids_hash"]):
             problems.append("the sample ids differ from the sample list the job was started with")
-        return table, problems
+        return with_skipped(table, skipped), problems
+
+    def _skipped_in(self, index: int, table: pa.Table) -> list[Skipped]:
+        """Shard `index`'s skipped samples, checked to lie in its share of the sample order (ValueError if not)."""
+        skips = skipped_of(table)
+        first = index * self.meta["shard_size"]
+        share = range(first, first + self._expected_rows(index))
+        positions = [s.position for s in skips]
+        outside = [p for p in positions if p not in share]
+        if outside or len(set(positions)) != len(positions):
+            raise ValueError(f"its record of skipped samples names position {(outside or positions)[0]}, "
+                             f"outside its samples {share.start}-{share.stop - 1} or twice")
+        return sorted(skips, key=lambda s: s.position)
 
     def _expected_rows(self, index: int) -> int:
         return min(self.meta["shard_size"], self.meta["num_samples"] - index * self.meta["shard_size"])
+
+    def _as_store_types(self, name: str, table: pa.Table) -> tuple[pa.Table, str | None]:
+        """A shard written by another tool (pandas, DuckDB, Spark) holds the same values in wider types: large
+        strings, variable-length lists of doubles. Read it in the store's types, or name the first row whose list
+        does not hold one value per question."""
+        q, questions = self.num_questions, self.meta["questions"]
+        for column, value_type in (("sample_id", None), ("logodds", pa.float32()), ("mass", pa.float32()),
+                                   ("flags", pa.uint8())):
+            if column not in table.column_names:
+                continue
+            values = table.column(column)
+            kind = values.type
+            if value_type is None:
+                if pa.types.is_large_string(kind):
+                    table = table.set_column(table.column_names.index(column), column, values.cast(pa.string()))
+                continue
+            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
+                    pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+                continue
+            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+            wrong = np.flatnonzero((lengths != q) & ~np.isnan(lengths.astype(np.float64)))
+            if len(wrong):
+                row, count = int(wrong[0]), int(lengths[wrong[0]])
+                sid = table.column("sample_id")[row].as_py() if "sample_id" in table.column_names else row
+                detail = (f"{count - q} value(s) after the last question {questions[-1]['id']}" if count > q
+                          else f"no value for question {questions[count]['id']}")
+                return table, (f"{name}: sample {sid!r} has {count} {column} values, but labels.json lists {q} "
+                               f"questions ({detail}; {len(wrong)} such row(s))")
+            try:
+                cast = values.cast(pa.list_(value_type, q))
+            except pa.ArrowInvalid as exc:  # e.g. flags outside 0-255
+                return table, f"{name}: column {column} does not fit {pa.list_(value_type, q)} ({exc})"
+            table = table.set_column(table.column_names.index(column), column, cast)
+        return table, None
 
     def _layout_problem(self, name: str, table: pa.Table, rows: int) -> str | None:
         """Row count, columns, types, width and missing values of one shard (or the consolidated table): O(columns)."""
@@ -299,7 +429,7 @@ class LabelStore:
 
     def _complete_shards(self, doing: str) -> dict[str, os.stat_result]:
         """The present shard files; an error naming the first missing one when the store is incomplete."""
-        files = self._shard_files()
+        files = self.shard_files()
         missing = self.missing_shards(files)
         if missing:
             raise MakdError(f"label store {self.path} is incomplete: {len(missing)} of {self.num_shards} shards missing "
@@ -325,10 +455,11 @@ class LabelStore:
             if (metadata.get(b"makd.shards") != key.encode() or metadata.get(b"makd.validated") != VALIDATION.encode()
                     or reader.num_record_batches != 1):
                 return None
-            table = pa.Table.from_batches([reader.get_batch(0)])
-        except (OSError, pa.ArrowException):
+            table = pa.Table.from_batches([reader.get_batch(0)], schema=reader.schema)
+            rows = self.meta["num_samples"] - len(skipped_of(table))
+        except (OSError, pa.ArrowException, ValueError):
             return None  # damaged: rebuilt from the shards
-        if self._layout_problem(TABLE_FILE, table, self.meta["num_samples"]) is not None:
+        if self._layout_problem(TABLE_FILE, table, rows) is not None:
             return None  # not what was validated: rebuilt (and validated) from the shards
         return table
 
@@ -349,7 +480,8 @@ class LabelStore:
             more = f"; {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
             raise MakdError(f"label store {self.path}: {problems[0]}{more}: delete the shards named and resume "
                             f"`makd label` to relabel them (`makd labels check {self.path}` lists every problem)")
-        table = table.replace_schema_metadata({"makd.shards": key, "makd.validated": VALIDATION})
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"makd.shards": key.encode(),
+                                               b"makd.validated": VALIDATION.encode()})
         try:
             with atomic_path(self.path / TABLE_FILE) as tmp:
                 with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -392,17 +524,33 @@ class LabelStore:
                                      "derived_from": {"path": str(self.path),
                                                       "question_set_hash": self.meta["question_set_hash"]}})
         take, size = np.asarray(columns), self.meta["shard_size"]
+        store = LabelStore.open(out)
+        skipped, start = skipped_of(table), 0
         for i in range(self.num_shards):
-            part = table.slice(i * size, size)
+            skips = [s for s in skipped if s.position // size == i]
+            part = table.slice(start, self._expected_rows(i) - len(skips))
+            start += part.num_rows
             matrices = {name: self._matrix(part, name)[:, take] for name in ("logodds", "mass", "flags")
                         if name in part.column_names}
-            subset = shard_table(part.column("sample_id").to_pylist(), matrices["logodds"], matrices["mass"],
-                                 matrices.get("flags"))
-            with atomic_path(out / shard_name(i)) as tmp:
-                pq.write_table(subset, tmp)
-        store = LabelStore.open(out)
+            store.write_shard(i, shard_table(part.column("sample_id").to_pylist(), matrices["logodds"],
+                                             matrices["mass"], matrices.get("flags"), skips))
         store.consolidate()
         return store
+
+    def write_shard(self, index: int, table: pa.Table, source: str = "rows") -> Path:
+        """The one way a shard lands: validated as every reader would (`validate_rows`; a problem is a one-line
+        MakdError saying what `source` gave, nothing written), then written under a temporary name and renamed."""
+        problems = self.validate_rows([(index, table)])[1]
+        if problems:
+            raise MakdError(f"{source} a label store cannot hold (not written): {problems[0]}")
+        path = self.path / shard_name(index)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+    def skipped(self) -> list[Skipped]:
+        """The samples without a row because their image could not be read (complete store)."""
+        return skipped_of(self.consolidate())
 
     def _rows(self, sample_ids: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(row of each id or -1 — None when the ids are exactly the store's order —, logodds, mass).
@@ -428,9 +576,22 @@ class LabelStore:
             return logodds, mass
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            raise MakdError(f"sample {sample_ids[missing[0]]!r} has no row in label store {self.path} "
-                            f"({len(missing)} of {len(sample_ids)} samples missing; label them with `makd label`)")
+            raise MakdError(self._no_row_message([sample_ids[i] for i in missing], len(sample_ids)))
         return _read_only(logodds[rows]), _read_only(mass[rows])
+
+    def _no_row_message(self, missing: list[str], total: int) -> str:
+        """Why samples have no row: skipped when labelled (which, and why), or never labelled."""
+        skipped = {s.sample_id: s for s in self.skipped()}
+        unreadable = [skipped[sid] for sid in missing if sid in skipped]
+        if not unreadable:
+            return (f"sample {missing[0]!r} has no row in label store {self.path} ({len(missing)} of {total} "
+                    "samples missing; label them with `makd label`)")
+        first = unreadable[0]
+        others = f", {len(missing) - len(unreadable)} never labelled" if len(unreadable) < len(missing) else ""
+        return (f"sample {first.sample_id!r} has no row in label store {self.path}: its image could not be read when "
+                f"it was labelled ({first.reason}); {len(unreadable)} of {total} samples skipped so{others} "
+                f"(`makd labels check {self.path}` lists them): repair the images and run `makd label --retry-skipped`, "
+                "or leave them out of the data")
 
     def available(self, sample_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(positions in `sample_ids` that have a row, their logodds, their mass)."""
@@ -439,6 +600,17 @@ class LabelStore:
             return np.arange(len(sample_ids)), logodds, mass
         positions = np.flatnonzero(rows >= 0)
         return positions, _read_only(logodds[rows[positions]]), _read_only(mass[rows[positions]])
+
+
+def _in_sample_order(ids: list[str], skipped: Sequence[Skipped]) -> list[str]:
+    """The rows' ids with the skipped samples put back at their positions: the sample order the job started with."""
+    if not skipped:
+        return ids
+    merged, rows = [], iter(ids)
+    for skip in sorted(skipped, key=lambda s: s.position):
+        merged += [next(rows) for _ in range(skip.position - len(merged))]
+        merged.append(skip.sample_id)
+    return merged + list(rows)
 
 
 def _first(mask: pa.ChunkedArray | pa.Array) -> int:

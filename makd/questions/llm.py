@@ -150,7 +150,7 @@ class TextLLM:
             o = self.options
             location = o if o.backend == "hf" else HFModelOptions(model=str(smollm2_folder()), gguf_file=SMOLLM2_GGUF,
                                                                   device=o.device)
-            device = resolve_device(location.device)
+            device = resolve_device(location.device, "llm.device")
             dtype = torch_dtype(resolve_dtype(location.dtype, device))
             hf_logging.disable_progress_bar()
             try:

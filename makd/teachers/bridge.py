@@ -30,6 +30,7 @@ import pydantic
 from PIL import Image, ImageOps
 
 from makd import embeddings
+from makd.launchers import device_for_process
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
 from makd.teachers.registry import TEACHERS
@@ -60,7 +61,7 @@ class BridgeTeacher:
         margin: float = pydantic.Field(0.0, ge=0.0, le=0.5)  # extra padding per side, as a fraction of the side
         batch_size: int = pydantic.Field(64, ge=1)  # images per score() call (the caller chunks)
         forward_batch: int = pydantic.Field(4, ge=1)  # images per network pass; small is fastest on CPU
-        device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+        device: str = pydantic.Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto/cuda: this process's GPU
         vocabulary: Literal["dataset", "imagenet"] = "dataset"
         neighbours: int = pydantic.Field(3, ge=1, le=1000)  # ImageNet classes kept per dataset class
         prompt: Literal["gloss", "name"] = "gloss"
@@ -69,6 +70,7 @@ class BridgeTeacher:
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
         self.batch_size = self.options.batch_size
+        self.device = device_for_process(self.options.device, "teacher.device")  # one GPU per process
         self._image_model: Any = None
         self._class_embeddings: np.ndarray | None = None
         self._relevance: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -153,7 +155,7 @@ class BridgeTeacher:
         batch = torch.from_numpy(np.stack([preprocess(img, o.image_size, o.invert, o.margin) for img in images]))
         # channels_last: faster depthwise convolutions on CPU. Small forward batches: on 2 CPU cores a batch of 4
         # runs ~3x more images/s than a batch of 64, whose activations no longer fit in the caches.
-        batch = batch.to(o.device).contiguous(memory_format=torch.channels_last)
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             logits = [self.image_model(batch[i : i + o.forward_batch]) for i in range(0, len(batch), o.forward_batch)]
         return torch.cat(logits).float().cpu().numpy()
@@ -179,7 +181,7 @@ class BridgeTeacher:
     @property
     def image_model(self) -> Any:
         if self._image_model is None:
-            self._image_model = load_image_model(self.options.image_size, self.options.device)
+            self._image_model = load_image_model(self.options.image_size, self.device)
         return self._image_model
 
     @property
@@ -188,11 +190,12 @@ class BridgeTeacher:
         if self._class_embeddings is None:
             prompt = PROMPTS[self.options.prompt]
             names, glosses = imagenet_classes()
-            self._class_embeddings = self.encode([prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)])
+            texts = [prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)]
+            self._class_embeddings = embeddings.encode(texts, self.options.device, cached=True)
         return self._class_embeddings
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return embeddings.encode(texts, self.options.device)
+        return embeddings.encode(texts, self.device)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------------
