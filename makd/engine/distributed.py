@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from makd.launchers import Dist, from_env, process_device
 
-__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown"]
+__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown", "gather_objects"]
 
 DEFAULT_TIMEOUT_MIN = 60.0
 log = logging.getLogger("makd.train")
@@ -74,11 +74,3 @@ def gather_objects(info: Dist, value: object) -> list[object]:
     dist.all_gather_object(gathered, value)
     return gathered
 
-
-def broadcast_object(info: Dist, value: object) -> object:
-    """Rank 0's `value` on every process (e.g. a metric that only rank 0 computed)."""
-    if not info.enabled:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
