@@ -117,9 +117,9 @@ class TrainConfig(Section):
     wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = Field("makd", description="Weights & Biases project")
     dist_timeout_min: float = Field(60.0, gt=0, description="DDP: minutes a process may wait in a collective for the "
-                                    "others before the run is aborted. Generous: rank 0 alone validates, tests and "
-                                    "writes checkpoints while the others wait (NCCL's own default, 10 min, can abort a "
-                                    "long evaluation); a crashed rank is still noticed after this long")
+                                    "others before the run is aborted. Generous: rank 0 alone writes checkpoints and "
+                                    "results while the others wait (NCCL's own default, 10 min, can abort them); a "
+                                    "crashed rank is still noticed after this long")
 
 
 class GenerateConfig(Section):
