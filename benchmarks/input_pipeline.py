@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, SubsetRandomSampler  # noqa: E402
 from torchvision import datasets  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from makd.data.base import loader_workers  # noqa: E402
+from makd.data.base import cores_per_process  # noqa: E402
 from makd.data.imagefolder import load_imagefolder  # noqa: E402
 from makd.data.transforms import SplitDataset, build_transform, input_spec  # noqa: E402
 from makd.engine.classification import training_batches, training_loader  # noqa: E402
@@ -149,13 +149,14 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=1000, help="images each arm loads per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", default="auto", help="loader processes of both arms (auto: makd's data.num_workers)")
+    parser.add_argument("--workers", default="auto", help="loader processes of both arms (auto: the cores of this "
+                        "process, as makd's data.num_workers gives a GPU run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where batches are copied to")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("input_pipeline: --device cuda, but no GPU is present")
-    workers = loader_workers(args.workers if args.workers == "auto" else int(args.workers), in_memory=False)
+    workers = cores_per_process() if args.workers == "auto" else int(args.workers)
     root = ensure_folder(args.images, seed=0)
     arms = {"makd": makd_arm(root, args.batch_size, workers, device), "bare": bare_arm(root, args.batch_size, workers, device)}
     rng = np.random.default_rng(1)

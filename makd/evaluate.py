@@ -269,7 +269,7 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         looked = [labels] if labels else [config.labels.path, *missing.get("labels.path", [])[1:]]
         store = _open_store(looked, meta["question_set_hash"])
     result = evaluate_student(model, InputSpec(**meta["input"]), data, store, batch_size=config.train.eval_batch_size,
-                              num_workers=loader_workers(config.data.num_workers, data.array is not None))
+                              num_workers=loader_workers(config.data.num_workers, data.array is not None, "cpu"))
     report = {"model": str(model_path), "epoch": meta.get("epoch"), **result.metrics}
     if "aspects" in report:
         report["aspects"]["questions"] = [q["text"] for q in meta["questions"]]

@@ -184,14 +184,21 @@ def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generat
     return np.sort(np.concatenate(chosen))
 
 
-def loader_workers(setting: int | str, in_memory: bool) -> int:
-    """`data.num_workers` as a number: "auto" is none for in-memory arrays (fetching a batch costs less than passing
-    it between processes), else the CPU cores available to this process — its affinity mask (Slurm binds each task
-    to its own cores) shared by the processes torchrun started on the node (LOCAL_WORLD_SIZE)."""
+def loader_workers(setting: int | str, in_memory: bool, device_type: str) -> int:
+    """`data.num_workers` as a number. "auto": for a model on a GPU, the CPU cores available to this process — its
+    affinity mask (Slurm binds each task to its cores) shared by the processes torchrun started on the node
+    (LOCAL_WORLD_SIZE) — to decode and augment ahead of it; none for in-memory arrays (fetching a batch costs less
+    than passing it between processes) and none for a model on the CPU (its own threads use the cores: loader
+    processes compete with them — the detection demo trains at 0.83x with one)."""
     if setting != "auto":
         return int(setting)
-    if in_memory:
+    if in_memory or device_type == "cpu":
         return 0
+    return cores_per_process()
+
+
+def cores_per_process() -> int:
+    """The CPU cores this process may use (its affinity mask) over the processes torchrun started on its node."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -54,9 +54,10 @@ class DataConfig(Section):
                                             "is read as RGB, and the log says so)")
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="loader processes per training process that decode and augment images ahead of the model "
-        "(training, validation and test); auto: none for in-memory datasets (a batch is fetched faster than it could be "
-        "passed between processes), else the CPU cores available to each training process; 0 = load in the training "
-        "process. Changes nothing computed: every batch's random draws are seeded by its step")
+        "(training, validation and test); auto: for a model on a GPU the CPU cores available to each training process, "
+        "none for in-memory datasets (a batch is fetched faster than it could be passed between processes) or a model "
+        "on the CPU (its threads use the cores); 0 = load in the training process. Changes nothing computed: every "
+        "batch's random draws are seeded by its step")
     prefetch_factor: int = Field(2, ge=1, description="batches each loader process prepares ahead of the model")
 
     @field_validator("dataset")

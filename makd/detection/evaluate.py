@@ -109,7 +109,7 @@ def evaluate_detector_file(model_path: str, split: str = "test", labels: str | N
                             f"the model's aspect head for {meta['question_set_hash']}")
     metrics, _ = evaluate_detector(model, meta, data, store, batch_size=config.train.eval_batch_size,
                                    backend=config.detection.map_backend,
-                                   workers=loader_workers(config.data.num_workers, in_memory=False))
+                                   workers=loader_workers(config.data.num_workers, False, "cpu"))
     report = {"model": str(model_path), "epoch": meta.get("epoch"), **metrics}
     if "aspects" in report:
         report["aspects"]["questions"] = [q["text"] for q in meta["questions"]]

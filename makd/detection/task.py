@@ -143,7 +143,7 @@ class DetectionTask(Task):
     def _train_loader(self) -> DataLoader:
         """One loader for the whole run: its workers persist across epochs, each epoch sets the batches."""
         if self._loader is None:
-            workers = loader_workers(self.config.data.num_workers, in_memory=False)
+            workers = self.workers
             log.info("data: %d loader process(es) per training process", workers)
             more = {"persistent_workers": True, "prefetch_factor": self.config.data.prefetch_factor} if workers else {}
             self._loader = DataLoader(self.dataset, batch_sampler=self._batches, collate_fn=collate, num_workers=workers,
@@ -189,12 +189,13 @@ class DetectionTask(Task):
     def validate(self) -> dict[str, float]:
         val = self.splits["val"]
         detections, _ = detect(self.model, val, self.in_chans, self.config.train.eval_batch_size, self.device,
-                               workers=self.eval_workers, shard=self.evaluation_shard())
+                               workers=self.workers, shard=self.evaluation_shard())
         return {f"val_{k}": v for k, v in box_map(val, detections, self.config.detection.map_backend).items()}
 
     @property
-    def eval_workers(self) -> int:
-        return loader_workers(self.config.data.num_workers, in_memory=False)
+    def workers(self) -> int:
+        """Loader processes of this run's training, validation and test (`data.num_workers`)."""
+        return loader_workers(self.config.data.num_workers, False, self.device.type)
 
     def detector_meta(self, epoch: int) -> dict[str, Any]:
         q = self.questions
@@ -222,7 +223,7 @@ class DetectionTask(Task):
             model, meta = load_detector(run / f"{which}.safetensors")
             metrics, _ = evaluate_detector(model.to(self.device), meta, self.splits["test"], self.store,
                                            batch_size=cfg.train.eval_batch_size, device=self.device,
-                                           backend=cfg.detection.map_backend, workers=self.eval_workers,
+                                           backend=cfg.detection.map_backend, workers=self.workers,
                                            shard=self.evaluation_shard())
             results.update({f"test_{k}_{which}": metrics[k] for k in ("map", "map50", "map75")})
             if "aspects" in metrics:

@@ -194,7 +194,7 @@ class ClassificationTask(Task):
 
     def _train_loader(self) -> DataLoader:
         if self._loader is None:
-            workers = loader_workers(self.config.data.num_workers, self.splits["train"].array is not None)
+            workers = self.workers
             log.info("data: %d loader process(es) per training process", workers)
             self._loader = training_loader(self.dataset, self._batches, workers, self.config.data.prefetch_factor,
                                            self.device)
@@ -255,12 +255,13 @@ class ClassificationTask(Task):
         cfg = self.config
         with self._autocast:  # validation in the training precision (bf16 on a CPU that has it is ~2x faster)
             preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
-                            cfg.train.channels_last, self.eval_workers, self.evaluation_shard())
+                            cfg.train.channels_last, self.workers, self.evaluation_shard())
         return {"val_top1": topk_accuracy(preds.class_logits, preds.targets)}
 
     @property
-    def eval_workers(self) -> int:
-        return loader_workers(self.config.data.num_workers, self.splits["train"].array is not None)
+    def workers(self) -> int:
+        """Loader processes of this run's training, validation and test (`data.num_workers`)."""
+        return loader_workers(self.config.data.num_workers, self.splits["train"].array is not None, self.device.type)
 
     def student_meta(self, epoch: int) -> dict[str, Any]:
         q = self.aspects.questions if self.aspects else None
@@ -301,7 +302,7 @@ class ClassificationTask(Task):
                 model = model.to(self.device).to(memory_format=self.memory_format)
                 result = evaluate_student(model, self.spec, test, teacher, batch_size=cfg.eval_batch_size,
                                           device=self.device, channels_last=cfg.channels_last,
-                                          num_workers=self.eval_workers, shard=self.evaluation_shard())
+                                          num_workers=self.workers, shard=self.evaluation_shard())
                 preds, metrics = result.predictions, result.metrics
             results.update({f"test_{k}_{which}": metrics[k] for k in ("top1", "top5", "ece")})
             if "aspects" in metrics:
