@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.makd-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# The suite runs on every core, up to 4 (pytest-xdist; one torch thread per worker, tests/conftest.py).
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 PYTEST_ARGS ?=
 # pip's chatter goes to a log, shown only if a step fails.
 LOG := $(VENV)/install.log
@@ -17,7 +19,7 @@ demo: check data
 	$(BIN)/makd demo
 
 test: check data
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist worksteal $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

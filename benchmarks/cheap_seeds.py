@@ -28,19 +28,17 @@ Last line: `runs_per_hour_vs_sequential=<x>` of the `demo` arm (with the `issue`
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import platform
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _history import package_at, python_at
 
 from makd.config import builtin_config, load_config, resolve_path
 from makd.data import build_splits
@@ -74,24 +72,12 @@ print(time.perf_counter() - start)
 """
 
 
-def issue_code(dest: Path) -> Path:
-    """The makd package of ISSUE_COMMIT, unpacked from this repository's history into `dest`."""
-    repo = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "-C", str(repo), "archive", ISSUE_COMMIT, "makd"], capture_output=True)
-    if archive.returncode:
-        raise SystemExit(f"arm {ISSUE_ARM}: commit {ISSUE_COMMIT} is not in {repo}'s history "
-                         f"({archive.stderr.decode().strip()}); run from a full clone, or leave the arm out")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
-
-
 def run_in_child(arm: str, runs: list[list[str]], workdir: Path, code: Path | None) -> float:
     """Seconds `arm` takes for `runs` (override lists on the demo recipe), timed in a fresh process (the `issue` arm
     with makd's package of then, `code`, first on the path): a run's speed depends on the state of the process's
     allocator (makd/engine/host_memory.py), so no arm inherits this one's."""
     if arm == ISSUE_ARM:
-        command, env = [sys.executable, "-c", ISSUE_DRIVER, json.dumps(runs)], {**os.environ, "PYTHONPATH": str(code)}
+        command, env = [*python_at(code, ISSUE_DRIVER), json.dumps(runs)], None
     else:
         command, env = [sys.executable, __file__, "--child", arm, json.dumps(runs), str(workdir)], None
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -154,7 +140,7 @@ def main() -> int:
         splits = build_splits(config.data)
         label_split(ImageSplit.concat([splits["train"], splits["test"]], "all"), SyntheticTeacher(),
                     QuestionSet.load(resolve_path(config.questions)), root / "labels", shard_size=20000, progress=False)
-        code = issue_code(root / "issue-code") if ISSUE_ARM in args.arms else None
+        code = package_at(ISSUE_COMMIT, root / "issue-code", ISSUE_ARM) if ISSUE_ARM in args.arms else None
         for r in range(args.rounds):
             for arm in args.arms:
                 runs = [common + [f"out={root / arm / f'r{r}-s{s}'}", f"name=r{r}-s{s}", f"train.seed={s}"]

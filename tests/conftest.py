@@ -22,6 +22,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the tests start: nothing from a user's ~/.cache/makd, nothing left there.
 os.environ["MAKD_CACHE"] = tempfile.mkdtemp(prefix="makd-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MAKD_CACHE"], ignore_errors=True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist): each worker and the processes its tests start use
+    # one thread, so that two workers never ask for four cores (OpenMP threads spinning against each other).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from makd.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from makd.questions import QuestionSet  # noqa: E402
@@ -53,6 +58,13 @@ class PixelTeacher:
         logodds = np.tanh(means[:, None] * factor[None, :]).astype(np.float32) * 3 - 1
         mass = np.broadcast_to((0.5 + factor / 20).astype(np.float32), logodds.shape).copy()
         return AspectScores(logodds, mass)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

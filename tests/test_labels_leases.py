@@ -136,6 +136,30 @@ def test_claims_skip_what_others_hold_and_wait_for_them_to_finish(tmp_path):
     assert next(claim_each(board, lambda: ["item-8"], str, wait=False))[0] == "item-8"  # free again: claimed
 
 
+def test_holding_two_claims_keeps_the_one_before_until_the_ask_after(tmp_path):
+    """hold=2 (the label job ahead of a server): item k stays leased while k+1 is started, and is released at the
+    ask after (the caller has finished it by then); when only items this worker holds are left, None asks it to
+    finish them, and what it holds is never waited for."""
+    done = {f"item-{i}": False for i in range(3)}
+    board = LeaseBoard(tmp_path, "me", timeout=30)
+    claims = claim_each(board, lambda: [k for k, v in done.items() if not v], str, hold=2, poll_s=0.05)
+    assert next(claims)[0] == "item-0"
+    assert next(claims)[0] == "item-1" and set(board.holders()) == {"item-0", "item-1"}
+    done["item-0"] = True
+    assert next(claims)[0] == "item-2" and set(board.holders()) == {"item-1", "item-2"}
+    done["item-1"] = True  # the caller finishes item k before it asks after k + 1
+    assert next(claims) is None and set(board.holders()) == {"item-2"}  # only its own is left: finish it
+    done["item-2"] = True
+    assert list(claims) == [] and board.holders() == {}
+    other = LeaseBoard(tmp_path, "other", timeout=30).try_claim("item-9")
+    claims = claim_each(board, lambda: ["item-8", "item-9"], str, hold=2, poll_s=0.05)
+    assert next(claims)[0] == "item-8"
+    assert next(claims) is None  # item-9 is another's: finish item-8 before waiting for it
+    other.release()
+    claims.close()
+    assert board.holders() == {}
+
+
 def test_a_worker_whose_lease_was_taken_over_does_not_write_over_the_new_holders_shard(tmp_path):
     questions = make_question_set(["cat", "dog"], n=2)
     ids = [f"img/{i}" for i in range(4)]

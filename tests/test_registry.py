@@ -37,3 +37,29 @@ def test_every_kind_of_extension_uses_it(module, registry, names):
 
     found = getattr(importlib.import_module(module), registry)
     assert isinstance(found, Registry) and names <= set(found.names())
+
+
+def test_a_lookup_from_another_thread_waits_for_every_module_of_the_registry(tmp_path, monkeypatch):
+    """Two threads building teachers at once: the second must not see the registry half loaded."""
+    import threading
+    import time
+
+    (tmp_path / "makd_slow_registry.py").write_text(
+        "from makd.registry import Registry\n"
+        "SLOW = Registry('slow thing', 'x.name', modules=('makd_slow_first', 'makd_slow_second'))\n")
+    (tmp_path / "makd_slow_first.py").write_text(
+        "from makd_slow_registry import SLOW\nSLOW.register('first')(1)\nassert SLOW.names() == ['first']\n")
+    (tmp_path / "makd_slow_second.py").write_text(
+        "import time\ntime.sleep(0.3)\nfrom makd_slow_registry import SLOW\nSLOW.register('second')(2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from makd_slow_registry import SLOW
+
+    found = {}
+    first = threading.Thread(target=lambda: found.setdefault("a", SLOW.names()))
+    first.start()
+    deadline = time.time() + 30
+    while "makd_slow_first" not in sys.modules and time.time() < deadline:  # the first thread is inside the imports
+        time.sleep(0.001)
+    found["b"] = SLOW.get("second")
+    first.join()
+    assert found == {"a": ["first", "second"], "b": 2}

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
-from makd.launchers import device_for_process
+from makd.launchers import device_for_process, from_env
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a hub model id looks like (a path with more parts does not)
@@ -28,20 +31,65 @@ class HFModelOptions(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = pydantic.Field(min_length=1)  # hub id or local folder
-    revision: str | None = None  # hub branch, tag or commit
-    gguf_file: str | None = None  # a .gguf file inside `model` (transformers dequantises it on load)
-    trust_remote_code: bool = False  # run the model repository's own code: only when you trust it
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2 (hf teacher: suffixes then batched)
-    chat_template_kwargs: dict[str, Any] = pydantic.Field(default_factory=lambda: {"enable_thinking": False})
+    model: str = pydantic.Field(min_length=1, json_schema_extra=RESULTS, description="hub id or local folder")
+    revision: str | None = pydantic.Field(None, json_schema_extra=RESULTS, description="hub branch, tag or commit")
+    gguf_file: str | None = pydantic.Field(None, json_schema_extra=RESULTS, description="a .gguf file inside `model` "
+                                           "(transformers dequantises it on load)")
+    trust_remote_code: bool = pydantic.Field(False, json_schema_extra=RESULTS, description="run the model "
+                                             "repository's own code: only when you trust it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
+        "auto", json_schema_extra=RESULTS, description="auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION,
+                                 description="auto: this process's GPU when there is one, else the CPU")
+    attn_implementation: str | None = pydantic.Field(None, json_schema_extra=EXECUTION, description="e.g. sdpa, "
+                                                     "eager, flash_attention_2 (hf teacher: suffixes then batched)")
+    chat_template_kwargs: dict[str, Any] = pydantic.Field(
+        default_factory=lambda: {"enable_thinking": False}, json_schema_extra=RESULTS,
+        description="variables for the chat template; enable_thinking=false switches thinking templates off")
 
 
 def resolve_device(device: str, option: str = "teacher.device") -> str:
     """auto/cuda: this process's own GPU (cuda:<local rank> under torchrun, srun or a local worker pool), else the
     CPU; an explicit cuda:<i>, cpu or mps as written."""
     return device_for_process(device, option)
+
+
+def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained's placement arguments for a model spread over several GPUs by accelerate, for THIS process:
+    one process per group of GPUs. `auto` spreads the model over this process's group (`gpu_group`); a dict
+    ({module: device}) is used as given."""
+    import torch
+
+    if device_map != "auto" or not torch.cuda.is_available():
+        return {"device_map": device_map}
+    gpus = gpu_group(from_env().local_rank, *node_layout(torch.cuda.device_count()))
+    memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+    return {"device_map": "auto", "max_memory": memory}
+
+
+def gpu_group(local_rank: int, local_processes: int, gpus: int, own: bool = False) -> list[int]:
+    """The GPUs of local process `local_rank` of `local_processes` that see `gpus` GPUs: equal consecutive groups
+    (torchrun's 4 processes on 8 GPUs take 2 each), or every GPU it sees when they are its `own` (a Slurm task
+    given its GPUs with --gpus-per-task sees only those)."""
+    if own or local_processes == 1:
+        return list(range(gpus))
+    if local_processes > gpus:
+        raise MakdError(f"teacher.device_map: {local_processes} processes on this node but {gpus} GPUs: start one "
+                        "process per group of GPUs (e.g. torchrun --nproc_per_node=<GPUs / GPUs per model>)")
+    size = gpus // local_processes
+    return list(range(local_rank * size, (local_rank + 1) * size))
+
+
+def node_layout(gpus: int, env: Mapping[str, str] | None = None) -> tuple[int, int, bool]:
+    """(processes on this node, GPUs this process sees, whether they are its own) from the launcher's variables:
+    torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE ("4", or "4(x2),2" on uneven nodes: the first) and
+    SLURM_GPUS_PER_TASK (GPUs bound to each task), submitit's local SUBMITIT_LOCAL_NTASKS; one process otherwise."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SUBMITIT_LOCAL_NTASKS"):
+        count = re.match(r"\d+", env.get(name, ""))
+        if count:
+            return int(count.group()), gpus, bool(env.get("SLURM_GPUS_PER_TASK"))
+    return 1, gpus, False
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

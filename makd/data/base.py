@@ -6,13 +6,15 @@ with the label store: labels are never matched by position or parsed from file n
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,7 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from makd.errors import MakdError
 
 log = logging.getLogger("makd.data")
-T = TypeVar("T")
+# Image files a server decodes to the pixels makd's loader gives (JPEG/PNG/WebP in RGB or grey): sent as they are.
+# Pillow calls a JPEG with extra frames (cameras' multi-picture files) MPO; its first frame is the JPEG image.
+SENT_AS_IS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 @dataclass
@@ -59,6 +63,24 @@ class ImageSplit:
 
     def images(self, indices: Sequence[int]) -> list[Image.Image]:
         return [self.image(int(i)) for i in indices]
+
+    def image_file(self, i: int) -> Path | None:
+        """The file holding exactly the i-th image; None for in-memory arrays (and in subclasses whose samples are
+        parts of files)."""
+        return None if self.paths is None else self.paths[i]
+
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """The i-th image as file bytes and their MIME type, for a server that decodes them itself: the file's own
+        bytes when `sent_as_is` (a JPEG stays the JPEG: smaller than any lossless re-encoding, and decoded to the
+        same pixels); else (arrays, crops, other formats or modes) a lossless PNG of `image(i)`."""
+        path = self.image_file(i)
+        if path is not None:
+            with image_errors(path):
+                data = path.read_bytes()
+                mime = sent_as_is(io.BytesIO(data))
+            if mime:
+                return data, mime
+        return png_bytes(self.image(i)), "image/png"
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSplit":
         idx = np.asarray(indices, dtype=np.int64)
@@ -121,17 +143,15 @@ def file_split(name: str, root: Path, paths: Sequence[Path], targets: Sequence[i
 
 def load_image(path: Path) -> Image.Image:
     """Decode an image fully now, so a corrupt file fails here with its name, not later in a worker."""
-    return _with_image(path, _decoded)
-
-
-def _decoded(img: Image.Image) -> Image.Image:
-    img.load()
-    return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+    with image_errors(path), Image.open(path) as img:
+        img.load()
+        return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
 
 
 def image_mode(path: Path) -> str:
     """The file's PIL mode, from its header (nothing is decoded)."""
-    return _with_image(path, lambda img: img.mode)
+    with image_errors(path), Image.open(path) as img:
+        return img.mode
 
 
 def file_channels(paths: Sequence[Path], what: str, chunk: int = 256) -> int:
@@ -152,10 +172,25 @@ def file_channels(paths: Sequence[Path], what: str, chunk: int = 256) -> int:
     return 1
 
 
-def _with_image(path: Path, use: Callable[[Image.Image], T]) -> T:
+def sent_as_is(file: Path | BinaryIO) -> str | None:
+    """The MIME type of an image file that servers get as it is: a JPEG, PNG or WebP in RGB or grey, which they
+    decode to the pixels `load_image` gives; None for others. Reads the header only."""
+    with Image.open(file) as img:
+        return SENT_AS_IS.get(img.format or "") if img.mode in ("L", "RGB") else None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A lossless PNG of `image` (greyscale stays greyscale)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextmanager
+def image_errors(path: Path) -> Iterator[None]:
+    """Reading the image file `path`: its problems as one line naming it."""
     try:
-        with Image.open(path) as img:
-            return use(img)
+        yield
     except FileNotFoundError:
         raise MakdError(f"image not found: {path}") from None
     except UnidentifiedImageError:

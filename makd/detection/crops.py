@@ -44,6 +44,9 @@ class BoxCrops(ImageSplit):
             self._cached = (path, load_image(path))
         return self._cached[1].crop(self.crops[i])
 
+    def image_file(self, i: int) -> None:
+        return None  # a crop is part of its file: servers get a PNG of the crop (ImageSplit.encoded)
+
 
 def box_crops(split: DetectionSplit, margin: float, min_side: int, images: np.ndarray | None = None) -> BoxCrops:
     """The crops of every box of the split's images (all images, or `images`), in image then box order."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from makd.atomic import remove_stale_temporaries, write_json
 from makd.config import Config, load_config, save_config, to_dict
+from makd.effects import execution_keys
 from makd.engine import distributed
 from makd.engine.batch_norm import batch_norms, sync_batch_norms
 from makd.engine.checkpoint import load_newest_state, rng_states, save_state, set_rng_states
@@ -90,15 +91,12 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 
 # Settings that may differ when a run is resumed: they do not change what is computed.
 NOT_TRAINING = ("generate.", "select.", "executor.")  # sections only the question stages and launchers read
-# Keys that do not change what a run computes (checkpoint frequency included: tests/test_trainer.py proves it; loader
-# processes, as every batch's draws are seeded by its step), or only in float rounding: threads, the memory layout,
-# the evaluation batch size (batch norm is per image when evaluating) and GPU kernel choices (train.deterministic);
-# how the C allocator keeps freed memory changes nothing computed. A run resumed with another of these
-# continues the same computation in another summation order.
-RESUMABLE_CHANGES = {"train.progress", "train.threads", "train.device", "train.tensorboard", "data.num_workers",
-                     "train.wandb", "train.wandb_project", "train.checkpoint_every", "train.checkpoint_every_steps",
-                     "train.eval_batch_size", "train.channels_last", "train.keep_freed_memory",
-                     "labels.lease_timeout", "train.dist_timeout_min", "data.prefetch_factor", "train.deterministic"}
+# The keys marked EXECUTION in the config (makd/effects.py): what a run computes does not depend on them (checkpoint
+# frequency included: tests/test_trainer.py proves it; loader processes, as every batch's draws are seeded by its
+# step), or only in float rounding (threads, the memory layout, the evaluation batch size: batch norm is per image
+# when evaluating; GPU kernel choices: train.deterministic), or how the C allocator keeps freed memory. A run
+# resumed with another of these continues the same computation in another summation order.
+RESUMABLE_CHANGES = execution_keys(Config)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -5,9 +5,11 @@ whether a store covers the samples a config trains and evaluates on (`split_cove
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,7 @@ from makd.labels.store import LabelStore, Skipped, shard_name
 from makd.labels.writer import LabelWriter
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
+from makd.teachers.answers import warn_low_mass
 from makd.teachers.base import AspectScores, Teacher, provenance
 
 log = logging.getLogger("makd.labels")
@@ -135,46 +138,88 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
                               dataset=split.info, overwrite=overwrite)
     todo = writer.missing_shards()
     total = sum(len(writer.shard_rows(i)) for i in todo)
+    # A teacher with `submit` (teachers/base.py) gets the next shard before this one is written, so that a server's
+    # window never drains between shards: this worker then holds two shards' leases at a time.
+    submit = getattr(teacher, "submit", None)
     shards = writer.claim_shards(rank=rank, world_size=world_size, lease_timeout=lease_timeout,
-                                 retry_skipped=retry_skipped, share_only=share_only)
+                                 retry_skipped=retry_skipped, share_only=share_only, hold=2 if submit else 1)
+    ahead: deque[_Shard] = deque()
     try:
         with tqdm(total=total, desc=f"labelling ({teacher.name})", unit="img", disable=not progress) as bar:
             for index in shards:
-                _label_shard(writer, index, split, teacher, questions, bar, workers)
+                if index is not None:
+                    ahead.append(_start_shard(writer, index, split, teacher, questions, bar, workers, submit))
+                while ahead and (index is None or len(ahead) > (1 if submit else 0)):
+                    ahead.popleft().finish(writer, teacher, questions, split, bar)
+            while ahead:
+                ahead.popleft().finish(writer, teacher, questions, split, bar)
+    except BaseException:
+        for shard in ahead:  # submitted ahead: dropped, not left running
+            shard.cancel()
+        raise
     finally:
         shards.close()
     return writer.finish(lease_timeout)
 
 
-def _label_shard(writer: LabelWriter, index: int, split: ImageSplit, teacher: Teacher, questions: QuestionSet,
-                 bar: tqdm, workers: int) -> None:
+@dataclass
+class _Shard:
+    """A shard's batches as given to the teacher: their scores, or what `submit` returned for them."""
+
+    index: int
+    rows: range
+    batches: list[tuple[list[int], Any]] = field(default_factory=list)  # (positions, scores or submitted)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def cancel(self) -> None:
+        for _, part in self.batches:
+            getattr(part, "cancel", lambda: None)()
+
+    def finish(self, writer: LabelWriter, teacher: Teacher, questions: QuestionSet, split: ImageSplit,
+               bar: tqdm) -> None:
+        """Writes the shard (waiting for the answers of batches submitted ahead)."""
+        parts = [part if isinstance(part, AspectScores) else _checked(part.result(), teacher, positions, questions, bar)
+                 for positions, part in self.batches]
+        done = [i for positions, _ in self.batches for i in positions]
+        if not done and len(self.rows) > 1:
+            first = next(iter(self.skipped.items()))
+            raise MakdError(f"none of the {len(self.rows)} images of {shard_name(self.index)} could be read "
+                            f"({first[0]}: {first[1]}): is the dataset where the config says? (single unreadable "
+                            "images are skipped and recorded)")
+        if self.skipped:
+            log.warning("%s: %d image(s) could not be read and were skipped (first %s: %s)", shard_name(self.index),
+                        len(self.skipped), *next(iter(self.skipped.items())))
+        q = len(questions)
+        flags = np.concatenate([p.flags for p in parts]) if parts and parts[0].flags is not None else None
+        mass = np.concatenate([p.mass for p in parts]) if parts else np.zeros((0, q), np.float32)
+        warn_low_mass(mass, questions.ids, shard_name(self.index))
+        writer.write_shard(self.index, [split.sample_ids[i] for i in done],
+                           np.concatenate([p.logodds for p in parts]) if parts else np.zeros((0, q), np.float32),
+                           mass, flags, self.skipped)
+
+
+def _checked(scores: AspectScores, teacher: Teacher, positions: list[int], questions: QuestionSet,
+             bar: tqdm) -> AspectScores:
+    if scores.logodds.shape != (len(positions), len(questions)):
+        raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
+                           f"for {len(positions)} images x {len(questions)} questions")
+    bar.update(len(positions))
+    return scores
+
+
+def _start_shard(writer: LabelWriter, index: int, split: ImageSplit, teacher: Teacher, questions: QuestionSet,
+                 bar: tqdm, workers: int, submit: Any) -> _Shard:
+    """Shard `index`'s batches given to the teacher: scored now, or submitted (`submit`) to be waited for later."""
     if hasattr(teacher, "start_shard"):  # optional hook (teachers/base.py)
         teacher.start_shard()
-    rows = writer.shard_rows(index)
-    parts: list[AspectScores] = []
-    done: list[int] = []
-    skipped: dict[str, str] = {}
-    for batch in shard_batches(split, rows, teacher, workers=workers):
-        skipped.update((split.sample_ids[i], reason) for i, reason in batch.failed)
+    shard = _Shard(index, writer.shard_rows(index))
+    for batch in shard_batches(split, shard.rows, teacher, workers=workers):
+        shard.skipped.update((split.sample_ids[i], reason) for i, reason in batch.failed)
+        bar.update(len(batch.failed))
         if batch.positions:
             inputs = dict(batch.inputs)
-            scores = teacher.score(inputs.pop("images", []), questions, **inputs)
-            if scores.logodds.shape != (len(batch.positions), len(questions)):
-                raise RuntimeError(f"teacher {teacher.name} returned {scores.logodds.shape} scores "
-                                   f"for {len(batch.positions)} images x {len(questions)} questions")
-            parts.append(scores)
-            done += batch.positions
-        bar.update(len(batch.positions) + len(batch.failed))
-    if not done and len(rows) > 1:
-        first = next(iter(skipped.items()))
-        raise MakdError(f"none of the {len(rows)} images of {shard_name(index)} could be read ({first[0]}: {first[1]}): "
-                        "is the dataset where the config says? (single unreadable images are skipped and recorded)")
-    if skipped:
-        log.warning("%s: %d image(s) could not be read and were skipped (first %s: %s)", shard_name(index),
-                    len(skipped), *next(iter(skipped.items())))
-    q = len(questions)
-    flags = np.concatenate([p.flags for p in parts]) if parts and parts[0].flags is not None else None
-    writer.write_shard(index, [split.sample_ids[i] for i in done],
-                       np.concatenate([p.logodds for p in parts]) if parts else np.zeros((0, q), np.float32),
-                       np.concatenate([p.mass for p in parts]) if parts else np.zeros((0, q), np.float32),
-                       flags, skipped)
+            images = inputs.pop("images", [])
+            shard.batches.append((batch.positions, submit(images, questions, **inputs) if submit else
+                                  _checked(teacher.score(images, questions, **inputs), teacher, batch.positions,
+                                           questions, bar)))
+    return shard

@@ -220,9 +220,13 @@ class LeaseBoard:
 
 
 def claim_each(board: LeaseBoard, todo: Callable[[], list[Item]], name: Callable[[Item], str], *,
-               wait: bool = True, poll_s: float | None = None) -> Iterator[tuple[Item, Lease]]:
+               wait: bool = True, poll_s: float | None = None, hold: int = 1) -> Iterator[tuple[Item, Lease] | None]:
     """Yield (item, lease) for each item of `todo()` this worker gets, trying them in todo's order, until `todo()`
-    is empty. The lease is held while the caller works on the item and released when it asks for the next one.
+    is empty. The lease is held while the caller works on the item and released when it asks for the next one;
+    with `hold` = 2, a caller that starts an item before it finishes the one before (the label job ahead of a
+    server) keeps both: the earlier one is released at the ask after (or once done). Items this worker holds are
+    never waited for: when only they are left, or only they could be finished now, it yields None — the caller
+    finishes what it holds and asks again.
 
     `todo()` is asked again before each claim and after a claim succeeds (what another worker finished meanwhile
     is not redone). When every item left is leased by a live worker: with `wait`, poll until those are done or one
@@ -230,34 +234,44 @@ def claim_each(board: LeaseBoard, todo: Callable[[], list[Item]], name: Callable
     without, return."""
     poll_s = poll_s if poll_s is not None else min(5.0, board.timeout / 4)
     waiting = False
-    while True:
-        items = todo()
-        if not items:
-            return
-        held = board.holders()
-        claimed = None
-        for item in items:
-            current = held.get(name(item))
-            if current is not None and not current.expired():
-                continue
-            lease = board.try_claim(name(item))
-            if lease is None:
-                continue
-            if item not in todo():  # finished by the worker whose lease just ended
-                lease.release()
-                continue
-            claimed = (item, lease)
-            break
-        if claimed is None:
-            if not wait:
+    mine: list[tuple[Item, Lease]] = []  # held by this worker, oldest first
+    try:
+        while True:
+            items = todo()
+            while mine and (len(mine) >= hold or mine[0][0] not in items):
+                mine.pop(0)[1].release()
+            ours = {name(item) for item, _ in mine}
+            items = [item for item in items if name(item) not in ours]
+            if not items and not mine:
                 return
-            if not waiting:
-                log.info("waiting for %d item(s) other workers hold (taken over if their lease expires)", len(items))
-            waiting = True
-            time.sleep(poll_s)
-            continue
-        waiting = False
-        try:
+            held = board.holders()
+            claimed = None
+            for item in items:
+                current = held.get(name(item))
+                if current is not None and not current.expired():
+                    continue
+                lease = board.try_claim(name(item))
+                if lease is None:
+                    continue
+                if item not in todo():  # finished by the worker whose lease just ended
+                    lease.release()
+                    continue
+                claimed = (item, lease)
+                break
+            if claimed is None:
+                if mine:
+                    yield None
+                    continue
+                if not wait:
+                    return
+                if not waiting:
+                    log.info("waiting for %d item(s) other workers hold (taken over if their lease expires)", len(items))
+                waiting = True
+                time.sleep(poll_s)
+                continue
+            waiting = False
+            mine.append(claimed)
             yield claimed
-        finally:
-            claimed[1].release()
+    finally:
+        for _, lease in mine:
+            lease.release()

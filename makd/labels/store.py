@@ -46,9 +46,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pydantic
 
 import makd
 from makd.atomic import atomic_path, read_json, stale_temporaries, write_json
+from makd.effects import EXECUTION, RESULTS, marked
 from makd.errors import MakdError
 from makd.questions import QuestionSet
 from makd.questions.questionset import content_hash
@@ -57,8 +59,28 @@ META_FILE = "labels.json"
 TABLE_FILE = "labels.arrow"  # consolidated, memory-mapped copy of the shards (derived; safe to delete)
 FORMAT = "makd.labels/1"
 log = logging.getLogger("makd.labels")
+
+
+class StoreMetadata(pydantic.BaseModel):
+    """The keys of labels.json (makd/labels/job.py writes them), each marked once (makd/effects.py): the RESULTS
+    keys are the store's identity — a resumed job must match them, and labels.arrow is rebuilt when they change;
+    the EXECUTION keys describe the run that wrote it."""
+
+    format: str = pydantic.Field(json_schema_extra=RESULTS)
+    question_set_hash: str = pydantic.Field(json_schema_extra=RESULTS)
+    questions: list[dict[str, Any]] = pydantic.Field(json_schema_extra=RESULTS)  # ids and texts: in the hash too
+    classes: list[str] = pydantic.Field(json_schema_extra=RESULTS)
+    teacher: dict[str, Any] = pydantic.Field(json_schema_extra=RESULTS)  # provenance: only options marked RESULTS
+    num_samples: int = pydantic.Field(json_schema_extra=RESULTS)
+    sample_ids_hash: str = pydantic.Field(json_schema_extra=RESULTS)
+    shard_size: int = pydantic.Field(json_schema_extra=RESULTS)  # the shards' layout
+    dataset: dict[str, Any] = pydantic.Field(json_schema_extra=EXECUTION)  # where the samples were read from
+    software: dict[str, str] = pydantic.Field(json_schema_extra=EXECUTION)
+    created: str = pydantic.Field(json_schema_extra=EXECUTION)
+
+
 # Metadata that must match for a resumed job to continue an existing store.
-IDENTITY_KEYS = ("format", "question_set_hash", "teacher", "num_samples", "sample_ids_hash", "shard_size")
+IDENTITY_KEYS = tuple(name for name in StoreMetadata.model_fields if name in marked(StoreMetadata, "results"))
 REQUIRED_KEYS = ("question_set_hash", "questions", "classes", "num_samples", "sample_ids_hash", "shard_size")
 # What `validate_rows` checks, recorded in labels.arrow; a new value makes older tables stale (rebuilt, validated).
 VALIDATION = "2"  # 2: skipped samples (a shard's rows plus its skipped samples make its share of the sample order)

@@ -123,8 +123,9 @@ class LabelWriter:
 
     def claim_shards(self, *, rank: int | None = None, world_size: int | None = None,
                      lease_timeout: float = DEFAULT_TIMEOUT_S, retry_skipped: bool = False,
-                     share_only: bool = False, wait: bool = True) -> Iterator[int]:
-        """Each shard this worker should write, leased to it until it asks for the next one.
+                     share_only: bool = False, wait: bool = True, hold: int = 1) -> Iterator[int | None]:
+        """Each shard this worker should write, leased to it until it asks for the next one (with `hold` = 2, until
+        the ask after: see `claim_each`; None then means "finish the shards you hold, then ask again").
 
         Missing shards (and with `retry_skipped`, those that skipped samples when this call started) are claimed
         in order; a worker with a launcher rank (torchrun, srun, `--shard r/n`) tries its static share first (shards
@@ -145,16 +146,20 @@ class LabelWriter:
             own = [i for i in order if mine(i)]
             return own if share_only else own + [i for i in order if not mine(i)]
 
-        shards = claim_each(board, todo, shard_lease, wait=wait, poll_s=min(5.0, lease_timeout / 4))
+        shards = claim_each(board, todo, shard_lease, wait=wait, poll_s=min(5.0, lease_timeout / 4), hold=hold)
         try:
-            for index, lease in shards:
+            for claimed in shards:
+                if claimed is None:
+                    yield None
+                    continue
+                index, lease = claimed
                 self._leases[index] = lease
-                try:
-                    yield index
-                finally:
-                    del self._leases[index]
+                while len(self._leases) > hold:  # the oldest: released by now, or at the next ask
+                    del self._leases[next(iter(self._leases))]
+                yield index
         finally:
             shards.close()
+            self._leases.clear()
 
     def _shards_with_skips(self) -> dict[int, tuple[int, int, int]]:
         """Shards whose record names skipped samples, with the identity of their file now (to redo each once)."""

@@ -29,6 +29,7 @@ from makd.clients.hf import (
     torch_dtype,
 )
 from makd.clients.openai_chat import ChatClient, ServerConnection
+from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
 from makd.registry import Registry
 from makd.validation import validate
@@ -40,9 +41,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class Sampling(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    temperature: float = pydantic.Field(0.8, ge=0.0, le=2.0)
-    top_p: float = pydantic.Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = pydantic.Field(200, ge=1, le=8192)
+    temperature: float = pydantic.Field(0.8, ge=0.0, le=2.0, json_schema_extra=RESULTS)
+    top_p: float = pydantic.Field(0.95, gt=0.0, le=1.0, json_schema_extra=RESULTS)
+    max_new_tokens: int = pydantic.Field(200, ge=1, le=8192, json_schema_extra=RESULTS)
 
 
 # Backend name -> its options schema; TextLLM generates locally (transformers) or through a server by backend.
@@ -51,18 +52,18 @@ LLM_BACKENDS: Registry[type[pydantic.BaseModel]] = Registry("LLM backend", "llm.
 
 @LLM_BACKENDS.register("hf")
 class LocalLLM(HFModelOptions, Sampling):
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf"] = pydantic.Field("hf", json_schema_extra=RESULTS)
 
 
 @LLM_BACKENDS.register("smollm2")
 class EmbeddedLLM(Sampling):
-    backend: Literal["smollm2"] = "smollm2"
-    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    backend: Literal["smollm2"] = pydantic.Field("smollm2", json_schema_extra=RESULTS)
+    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION)
 
 
 @LLM_BACKENDS.register("openai")
 class ServerLLM(ServerConnection, Sampling):
-    backend: Literal["openai"]
+    backend: Literal["openai"] = pydantic.Field(json_schema_extra=RESULTS)
 
 
 def smollm2_folder() -> Path:

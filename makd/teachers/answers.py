@@ -4,26 +4,36 @@ For (image, question): lp = log-softmax over the whole vocabulary at the first a
 ly = logsumexp of lp over the Yes variants, ln = the same over the No variants;
 log-odds s = ly - ln (the paper's target is sigmoid(s)), mass m = exp(ly) + exp(ln).
 Variants ("Yes", " Yes", "yes"...) are resolved from the model's own tokenizer at run time, never hard-coded
-(the official code's fixed ids 9454/2753 are wrong for its own 8B teacher).
+(the official code's fixed ids 9454/2753 are wrong for its own 8B teacher), and in context: as the first token
+after the rendered prompt's generation prompt. A variant tokenized alone can be another token than the one the
+model writes there (SentencePiece tokenizers prepend a word-start piece to text that starts a string, not to the
+text that follows "<|im_start|>assistant\n").
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pydantic
 
-from makd.clients.hf import HFModelOptions
+from makd.clients.hf import HFModelOptions, adds_special_tokens, common_prefix_length
+from makd.effects import RESULTS
 from makd.errors import MakdError
 
+log = logging.getLogger("makd")
 DEFAULT_YES = ("Yes", "yes", " Yes", " yes")
 DEFAULT_NO = ("No", "no", " No", " no")
 DEFAULT_INSTRUCTION = "Answer with Yes or No."
 FORMULA = ("lp = log_softmax(full-vocabulary logits at the first answer position); ly = logsumexp(lp[yes ids]), "
            "ln = logsumexp(lp[no ids]); logodds = ly - ln; mass = exp(ly) + exp(ln)")
+# A shard whose mean answer mass is below this gets a warning (`warn_low_mass`): the teacher mostly answers
+# neither Yes nor No (a prompt, template or answer-token problem), so its log-odds say little. 0.5 is also the
+# data-driven question selection's default floor per question (select.min_mass).
+LOW_MASS = 0.5
 
 
 # Per-pair flags of teachers that see only the top-k log-probabilities (the openai teacher): the group had no
@@ -36,10 +46,14 @@ class PromptOptions(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    instruction: str = DEFAULT_INSTRUCTION  # appended to every question
-    system: str | None = None  # system prompt; None keeps the chat template's default
-    yes: tuple[str, ...] = pydantic.Field(DEFAULT_YES, min_length=1)
-    no: tuple[str, ...] = pydantic.Field(DEFAULT_NO, min_length=1)
+    instruction: str = pydantic.Field(DEFAULT_INSTRUCTION, json_schema_extra=RESULTS,
+                                      description="appended to every question")
+    system: str | None = pydantic.Field(None, json_schema_extra=RESULTS,
+                                        description="system prompt; null keeps the chat template's default")
+    yes: tuple[str, ...] = pydantic.Field(DEFAULT_YES, min_length=1, json_schema_extra=RESULTS,
+                                          description="Yes variants: those that are one token after the prompt count")
+    no: tuple[str, ...] = pydantic.Field(DEFAULT_NO, min_length=1, json_schema_extra=RESULTS,
+                                         description="No variants: those that are one token after the prompt count")
 
     def user_text(self, question: str) -> str:
         return f"{question} {self.instruction}".strip()
@@ -47,10 +61,6 @@ class PromptOptions(pydantic.BaseModel):
 
 class HFOptions(HFModelOptions, PromptOptions):
     """Options every local transformers teacher takes."""
-
-    # Options that only change speed or placement, never the answers: left out of the provenance that a resumed
-    # labelling job compares, so a job may resume with another batch size or on another GPU.
-    EXECUTION_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "question_batch", "device", "attn_implementation")
 
 
 @dataclass(frozen=True)
@@ -73,24 +83,46 @@ class AnswerTokens:
         return {"yes": self.yes, "no": self.no, "dropped_not_single_token": self.dropped}
 
 
-def resolve_answer_tokens(tokenizer: Any, yes: Sequence[str], no: Sequence[str], where: str = "teacher") -> AnswerTokens:
-    """Encode each variant without special tokens; keep those that are exactly one token."""
+def resolve_answer_tokens(tokenizer: Any, yes: Sequence[str], no: Sequence[str], prompt: str,
+                          where: str = "teacher") -> AnswerTokens:
+    """Each variant's token where the model writes its answer: `prompt` (a rendered prompt ending with the
+    generation prompt) + the variant, tokenized as the prompt is; kept when the variant adds exactly one token
+    after the prompt's own tokens. The others are listed in `dropped` with the tokens they add."""
+    special = adds_special_tokens(tokenizer, prompt)
+    context = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
     groups: dict[str, dict[str, int]] = {"yes": {}, "no": {}}
     dropped: dict[str, list[int]] = {}
     for group, variants in (("yes", yes), ("no", no)):
         for variant in variants:
-            ids = list(tokenizer.encode(variant, add_special_tokens=False))
-            if len(ids) == 1:
-                groups[group][variant] = int(ids[0])
+            ids = [int(i) for i in tokenizer(prompt + variant, add_special_tokens=special)["input_ids"]]
+            kept = ids[:len(context)] == context  # else the variant merged with the prompt's last token
+            added = ids[common_prefix_length([ids, context]):]
+            if kept and len(added) == 1:
+                groups[group][variant] = added[0]
             else:
-                dropped[variant] = [int(i) for i in ids]
+                dropped[variant] = added
         if not groups[group]:
             raise MakdError(f"{where}.{group}: none of the variants {list(variants)} is a single token of this model's "
-                            f"tokenizer (they encode to {[dropped[v] for v in variants]}); give variants that are")
+                            f"tokenizer after its prompt (they add the tokens {[dropped[v] for v in variants]}); give "
+                            "variants that are")
     overlap = set(groups["yes"].values()) & set(groups["no"].values())
     if overlap:
         raise MakdError(f"{where}: token ids {sorted(overlap)} are both a Yes and a No variant")
     return AnswerTokens(yes=groups["yes"], no=groups["no"], dropped=dropped)
+
+
+def warn_low_mass(mass: np.ndarray, question_ids: Sequence[str], where: str) -> str | None:
+    """Log (and return) a warning when the mean answer mass of a block of targets ([samples, Q], e.g. one shard) is
+    below LOW_MASS, naming the questions with the least; None otherwise. The label job calls it per shard."""
+    if not mass.size or not np.isfinite(mass).all() or float(mass.mean()) >= LOW_MASS:
+        return None
+    per_question = mass.mean(axis=0)
+    worst = ", ".join(f"{question_ids[j]} {per_question[j]:.2f}" for j in np.argsort(per_question)[:3])
+    message = (f"{where}: mean answer mass {float(mass.mean()):.3f} < {LOW_MASS}: the teacher mostly answers neither "
+               f"Yes nor No (lowest: {worst}); check its prompt (instruction, system, chat_template_kwargs) and the "
+               "answer tokens in labels.json")
+    log.warning("warning: %s", message)
+    return message
 
 
 def logodds_and_mass(logits: Any, answers: AnswerTokens) -> tuple[np.ndarray, np.ndarray]:

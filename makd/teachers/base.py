@@ -6,10 +6,24 @@ implements this, so the label store and everything downstream never depend on wh
 Inputs: a teacher declares what `score` needs in `inputs` (default {"images"}). A class-level teacher (the
 "text" teacher asks about class names, not pictures) declares {"classes"}: it then gets each sample's class
 index into `questions.classes` as `classes=` and an empty image list, so labelling never decodes images for it.
-{"sample_ids"} passes the samples' ids as `sample_ids=` (the importer of the official JSON looks rows up by id).
+{"sample_ids"} passes the samples' ids as `sample_ids=` (the importer of the official JSON looks rows up by id);
+{"encoded_images"} passes `encoded_images=`, per sample (the file's original bytes, MIME type) — for array
+datasets a lossless PNG made once — for teachers that send images elsewhere (`ImageSplit.encoded`).
+makd/labels/inputs.py (`shard_batches`) builds these batches for the label job, in DataLoader workers.
 
-Optional hook: `start_shard()`, if a teacher has it, is called by the label job before it scores each shard
-(the `hf` teacher re-checks its shared-prefix path on the shard's first image).
+Optional hooks (a teacher without them is served as before):
+- `start_shard()`: called by the label job before it scores each shard (the `hf` teacher re-checks its
+  shared-prefix path on the shard's first image);
+- `preparer()`: a picklable function, run in the label job's DataLoader workers on each batch's decoded images,
+  whose result `score` gets as `images=` instead of the PIL list (the `hf` teacher's processor runs there, ahead
+  of the model); `score` must still take a plain PIL list;
+- `first_batch_size`: the size of a shard's first batch when it should differ from `batch_size` (the `hf`
+  teacher checks its shared-prefix path on one image alone);
+- `submit(...)`, with `score`'s arguments, returning an object whose `result()` is the scores (and `cancel()`
+  drops them): the label job then submits the next shard before writing the current one (the `openai` teacher
+  keeps its servers' windows full).
+Inputs "encoded_images" (each sample's file bytes and MIME type, `ImageSplit.encoded`) and "image_files" (the file
+holding exactly each sample's image, or None: `ImageSplit.image_file`) serve teachers behind servers.
 """
 
 from __future__ import annotations
@@ -56,7 +70,8 @@ class Teacher(Protocol):
         (A teacher whose provenance also depends on the question set adds `describe_questions(questions)`.)"""
 
     def score(self, images: Sequence[Image.Image], questions: QuestionSet, **inputs: Any) -> AspectScores:
-        """Score every question for every image (one batch; the caller chunks by `batch_size`)."""
+        """Score every question for every image (one batch; the caller chunks by `batch_size`). `images` may be
+        what the teacher's `preparer()` made of them (see the module docstring)."""
 
 
 def provenance(teacher: Teacher, questions: QuestionSet) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import pydantic
 from PIL import Image, ImageOps
 
 from makd import embeddings
+from makd.effects import EXECUTION, RESULTS, results_options
 from makd.launchers import device_for_process
 from makd.questions import QuestionSet
 from makd.teachers.base import AspectScores
@@ -56,16 +57,24 @@ class BridgeTeacher:
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-        image_size: int = pydantic.Field(224, ge=64, le=512, multiple_of=32)  # 192 is ~1.7x faster, a bit worse
-        invert: Literal["auto", "always", "never"] = "auto"  # grey images only
-        margin: float = pydantic.Field(0.0, ge=0.0, le=0.5)  # extra padding per side, as a fraction of the side
-        batch_size: int = pydantic.Field(64, ge=1)  # images per score() call (the caller chunks)
-        forward_batch: int = pydantic.Field(4, ge=1)  # images per network pass; small is fastest on CPU
-        device: str = pydantic.Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto/cuda: this process's GPU
-        vocabulary: Literal["dataset", "imagenet"] = "dataset"
-        neighbours: int = pydantic.Field(3, ge=1, le=1000)  # ImageNet classes kept per dataset class
-        prompt: Literal["gloss", "name"] = "gloss"
-        sharpness: float = pydantic.Field(2.0, gt=0.0, le=100.0)  # s = sigmoid(sharpness * z)
+        image_size: int = pydantic.Field(224, ge=64, le=512, multiple_of=32, json_schema_extra=RESULTS,
+                                         description="192 is ~1.7x faster, a bit worse")
+        invert: Literal["auto", "always", "never"] = pydantic.Field("auto", json_schema_extra=RESULTS,
+                                                                    description="grey images only")
+        margin: float = pydantic.Field(0.0, ge=0.0, le=0.5, json_schema_extra=RESULTS,
+                                       description="extra padding per side, as a fraction of the side")
+        batch_size: int = pydantic.Field(64, ge=1, json_schema_extra=EXECUTION,
+                                         description="images per score() call (the caller chunks)")
+        forward_batch: int = pydantic.Field(4, ge=1, json_schema_extra=EXECUTION,
+                                            description="images per network pass; small is fastest on CPU")
+        device: str = pydantic.Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", json_schema_extra=EXECUTION,
+                                     description="auto/cuda: this process's GPU")
+        vocabulary: Literal["dataset", "imagenet"] = pydantic.Field("dataset", json_schema_extra=RESULTS)
+        neighbours: int = pydantic.Field(3, ge=1, le=1000, json_schema_extra=RESULTS,
+                                         description="ImageNet classes kept per dataset class")
+        prompt: Literal["gloss", "name"] = pydantic.Field("gloss", json_schema_extra=RESULTS)
+        sharpness: float = pydantic.Field(2.0, gt=0.0, le=100.0, json_schema_extra=RESULTS,
+                                          description="s = sigmoid(sharpness * z)")
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
@@ -109,7 +118,7 @@ class BridgeTeacher:
             "prompt": PROMPTS[o.prompt],
             "hyperparameters": {"sharpness": o.sharpness, "neighbours": o.neighbours, "p_clip": P_CLIP},
             # Only options that change the answers: a resumed labelling run may use another batch size.
-            "options": o.model_dump(exclude={"batch_size", "forward_batch", "device"}),
+            "options": results_options(o),
             "mass": "1 by construction: the bridge always answers yes or no",
         }
 

@@ -28,6 +28,7 @@ from makd.clients.hf import (
     torch_dtype,
 )
 from makd.clients.openai_chat import ChatClient
+from makd.effects import EXECUTION, RESULTS, results_options
 from makd.errors import MakdError
 from makd.questions import QuestionSet
 from makd.registry import Registry
@@ -49,8 +50,10 @@ DEFAULT_SUBJECT = "The image shows a {class_name}."
 class ClassLevel(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    subject: str = DEFAULT_SUBJECT  # says which class the question is about; must contain {class_name}
-    batch_size: int = pydantic.Field(1024, ge=1)  # samples per score() call (answers are looked up, not computed)
+    subject: str = pydantic.Field(DEFAULT_SUBJECT, json_schema_extra=RESULTS, description="says which class the "
+                                  "question is about; must contain {class_name}")
+    batch_size: int = pydantic.Field(1024, ge=1, json_schema_extra=EXECUTION, description="samples per score() call "
+                                     "(answers are looked up, not computed)")
 
     @pydantic.field_validator("subject")
     @classmethod
@@ -67,13 +70,13 @@ TEXT_BACKENDS: Registry[type[pydantic.BaseModel]] = Registry("text-teacher backe
 
 @TEXT_BACKENDS.register("hf")
 class HFTextOptions(HFOptions, ClassLevel):
-    backend: Literal["hf"] = "hf"
-    question_batch: int = pydantic.Field(32, ge=1)  # prompts per forward
+    backend: Literal["hf"] = pydantic.Field("hf", json_schema_extra=RESULTS)
+    question_batch: int = pydantic.Field(32, ge=1, json_schema_extra=EXECUTION, description="prompts per forward")
 
 
 @TEXT_BACKENDS.register("openai")
 class ServerTextOptions(ServerOptions, ClassLevel):
-    backend: Literal["openai"]
+    backend: Literal["openai"] = pydantic.Field(json_schema_extra=RESULTS)
 
 
 @TEACHERS.register("text")
@@ -140,7 +143,8 @@ class TextTeacher:
     @property
     def answers(self) -> AnswerTokens:
         if self._answers is None:
-            self._answers = resolve_answer_tokens(self.tokenizer, self.options.yes, self.options.no)
+            self._answers = resolve_answer_tokens(self.tokenizer, self.options.yes, self.options.no,
+                                                  self._render("{class_name}", "{question}"))
         return self._answers
 
     def _local_table(self, pairs: list[tuple[str, str]]) -> AspectScores:
@@ -173,7 +177,7 @@ class TextTeacher:
                      "weights": model_fingerprint(o), "dtype": self.dtype, "trust_remote_code": o.trust_remote_code,
                      "example": self._render("{class_name}", "{question}"), "answer_tokens": self.answers.describe(),
                      "formula": FORMULA,
-                     "options": o.model_dump(mode="json", exclude=set(o.EXECUTION_ONLY))}
+                     "options": results_options(o)}
         if self._pad_fallback:  # only then: stores of tokenizers with a pad token resume unchanged
             described["pad_token"] = f"eos fallback: {self.tokenizer.pad_token}"
         return described

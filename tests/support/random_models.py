@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # Words the BPE tokenizer is trained on: answer words (so "Yes", " Yes", "no"... are single tokens) and the
 # vocabulary of typical aspect questions.
@@ -95,10 +95,13 @@ CHAT_TEMPLATES = {
 }
 
 
-def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: bool = True) -> Any:
-    """A byte-level BPE tokenizer trained on `CORPUS` — or `base`, a real tokenizer (the benchmark uses SmolLM2's,
-    as SmolVLM does) — with the architecture's special tokens and chat template; `pad=False`: no pad token, as
-    Llama- and Mistral-family tokenizers ship."""
+def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: bool = True,
+                    style: Literal["bpe", "metaspace"] = "bpe") -> Any:
+    """A tokenizer trained on `CORPUS` — or `base`, a real tokenizer (the benchmark uses SmolLM2's, as SmolVLM does)
+    — with the architecture's special tokens and chat template; `pad=False`: no pad token, as Llama- and
+    Mistral-family tokenizers ship. `style`: byte-level BPE (GPT-2, Qwen, SmolLM), or SentencePiece-style BPE with a
+    metaspace pre-tokenizer (Llama 2, Mistral, Gemma: a word-start piece "▁" before words, so "yes" after a newline
+    and "yes" at the start of a string are different tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -111,16 +114,24 @@ def build_tokenizer(arch: str, vocab_size: int = 700, base: Any = None, pad: boo
         base.chat_template = CHAT_TEMPLATES[arch]
         base.pad_token = base.pad_token or "<pad>"
         return base
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if style == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        extra = {}
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet, extra = [], {"unk_token": "<unk>"}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*extra.values(), *SPECIAL_TOKENS],
+                                  show_progress=False, initial_alphabet=alphabet)
     tok.train_from_iterator([CORPUS] * 3, trainer)
     eos = "<eos>" if arch in ("gemma3", "paligemma") else "<|im_end|>"
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token=eos, pad_token="<pad>" if pad else None,
-        extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16)
+        extra_special_tokens=named, chat_template=CHAT_TEMPLATES[arch], model_max_length=1 << 16, **extra)
 
 
 def _text(tok: Any, **overrides: Any) -> dict[str, Any]:
@@ -128,13 +139,12 @@ def _text(tok: Any, **overrides: Any) -> dict[str, Any]:
     base = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192,
-            "initializer_range": 0.2, "tie_word_embeddings": False}
+            "tie_word_embeddings": False}
     return {**base, **overrides}
 
 
 def _vision(**overrides: Any) -> dict[str, Any]:
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "initializer_range": 0.2}
+    base = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     return {**base, **overrides}
 
 
@@ -153,7 +163,7 @@ def _llava(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
         text_config={"model_type": "llama", **_text(tok, **text)},
         vision_config={"model_type": "clip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, initializer_range=0.2)
+        vision_feature_layer=-1, **UNTIED)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image}),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -172,7 +182,7 @@ def _llava_next(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, An
         vision_config={"model_type": "clip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
         vision_feature_layer=-1, image_grid_pinpoints=pinpoints, image_seq_length=(image // patch) ** 2,
-        initializer_range=0.2)
+        **UNTIED)
     image_processor = hf.LlavaNextImageProcessor(size={"shortest_edge": image}, image_grid_pinpoints=pinpoints,
                                                  crop_size={"height": image, "width": image})
     processor = hf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
@@ -191,7 +201,7 @@ def _llava_onevision(tok: Any, text: dict, vision: dict, image: int) -> tuple[An
         vision_config={"model_type": "siglip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
         image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
-        initializer_range=0.2)
+        **UNTIED)
     image_processor = hf.LlavaOnevisionImageProcessor(size={"height": image, "width": image},
                                                       image_grid_pinpoints=pinpoints)
     processor = hf.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
@@ -213,7 +223,7 @@ def _qwen_vl(arch: str, tok: Any, text: dict, vision: dict, image: int) -> tuple
     v = _vision(**vision)
     patch = 16 if arch == "qwen3_vl" else 14
     vision_config = {"depth": v["num_hidden_layers"], "hidden_size": v["hidden_size"], "num_heads": v["num_attention_heads"],
-                     "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.2}
+                     "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
     if arch == "qwen2_vl":
         vision_config.update(embed_dim=v["hidden_size"], hidden_size=t["hidden_size"],
                              mlp_ratio=v["intermediate_size"] // v["hidden_size"])
@@ -230,7 +240,7 @@ def _qwen_vl(arch: str, tok: Any, text: dict, vision: dict, image: int) -> tuple
         text_config={"model_type": f"{arch}_text", **t}, vision_config=vision_config,
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), initializer_range=0.2)
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), **UNTIED)
     pixels = image * image
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels // 2, max_pixels=pixels, patch_size=patch, merge_size=2,
                                             temporal_patch_size=2)
@@ -250,7 +260,7 @@ def _idefics3(tok: Any, text: dict, vision: dict, image: int, smol: bool = False
         text_config={"model_type": "llama", **_text(tok, **text)},
         vision_config={"model_type": f"{'smolvlm' if smol else 'idefics3'}_vision",
                        **_vision(image_size=image, patch_size=patch, **vision)},
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale, initializer_range=0.2)
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale, **UNTIED)
     image_processor = getattr(transformers, f"{name}ImageProcessor")(
         size={"longest_edge": 2 * image}, max_image_size={"longest_edge": image}, do_image_splitting=True)
     video = {"video_processor": transformers.SmolVLMVideoProcessor()} if smol else {}
@@ -276,7 +286,7 @@ def _internvl(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]
         vision_config={"model_type": "internvl_vision", **_vision(image_size=[image, image], patch_size=[patch, patch],
                                                                    **vision)},
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
-        image_seq_length=(image // patch) ** 2 // 4, initializer_range=0.2)
+        image_seq_length=(image // patch) ** 2 // 4, **UNTIED)
     image_processor = GotOcr2ImageProcessor(size={"height": image, "width": image}, crop_to_patches=True,
                                             min_patches=1, max_patches=4)
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=InternVLVideoProcessor(),
@@ -301,7 +311,7 @@ def _gemma3(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]:
         vision_config={"model_type": "siglip_vision_model", **_vision(image_size=image, patch_size=patch, **vision)},
         mm_tokens_per_image=tokens, boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
-        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"), initializer_range=0.2)
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"), **UNTIED)
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": image, "width": image}),
                                 tokenizer=tok, image_seq_length=tokens, chat_template=CHAT_TEMPLATES["gemma3"])
     return Gemma3ForConditionalGeneration(config), processor
@@ -318,7 +328,7 @@ def _mistral3(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any]
         vision_config={"model_type": "pixtral", **v, "head_dim": v["hidden_size"] // v["num_attention_heads"],
                        "image_size": 2 * image, "patch_size": patch},
         image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=merge, vision_feature_layer=-1,
-        initializer_range=0.2)
+        **UNTIED)
     image_processor = hf.PixtralImageProcessor(size={"longest_edge": 2 * image},
                                                patch_size={"height": patch * merge, "width": patch * merge})
     processor = hf.PixtralProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
@@ -338,7 +348,7 @@ def _aya_vision(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, An
         vision_config={"model_type": "siglip_vision_model",
                        **_vision(image_size=image, patch_size=patch, vision_use_head=False, **vision)},
         image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=down,
-        vision_feature_select_strategy="full", initializer_range=0.2)
+        vision_feature_select_strategy="full", **UNTIED)
     image_processor = hf.GotOcr2ImageProcessor(size={"height": image, "width": image}, crop_to_patches=True,
                                                min_patches=1, max_patches=4)
     processor = hf.AyaVisionProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch, img_size=image,
@@ -362,7 +372,7 @@ def _paligemma(tok: Any, text: dict, vision: dict, image: int) -> tuple[Any, Any
         vision_config={"model_type": "siglip_vision_model",
                        **_vision(image_size=image, patch_size=patch, projection_dim=t["hidden_size"], **vision)},
         image_token_index=tok.convert_tokens_to_ids("<image>"), projection_dim=t["hidden_size"],
-        initializer_range=0.2)
+        **UNTIED)
     return hf.PaliGemmaForConditionalGeneration(config), processor
 
 
@@ -374,6 +384,10 @@ BUILDERS: dict[str, Builder] = {
     "smolvlm": lambda *a: _idefics3(*a, smol=True), "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3,
     "aya_vision": _aya_vision, "paligemma": _paligemma,
 }
+UNTIED = {"tie_word_embeddings": False}  # the output head is scaled apart from the input embeddings (seeded_init)
+WEIGHT_STD = 0.2
+LOGIT_STD = 4.0  # answers vary by 0.3-5 in log-odds with the image and the question (tests/test_hf_teacher.py)
+PROBE = "Is the object a living animal ? Answer with Yes or No ."  # seeded_init's probe prompt
 IMAGE_SIZES = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 64}  # multiples of patch x merge; the others: 32
 
 # Test variants: (architecture, language-model overrides, whether the tokenizer has a pad token).
@@ -389,22 +403,39 @@ ARCHITECTURES = (*BUILDERS, *(v for v in VARIANTS if v not in BUILDERS))
 
 
 def build_random_vlm(arch: str, *, text: dict | None = None, vision: dict | None = None, image: int | None = None,
-                     seed: int = 0, tokenizer: Any = None) -> tuple[Any, Any]:
-    """(model, processor) of `arch` (an architecture or a variant), randomly initialised with a fixed seed;
-    `text`/`vision` override the sizes."""
-    import torch
-
+                     seed: int = 0, tokenizer: Any = None, std: float | None = None) -> tuple[Any, Any]:
+    """(model, processor) of `arch` (an architecture or a variant) with `seeded_init`'s weights; `text`/`vision`
+    override the sizes (wider models want a smaller `std`: 0.02 as released models are initialised)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
     base, overrides, pad = VARIANTS.get(arch, (arch, {}, True))
-    torch.manual_seed(seed)
     tok = tokenizer or build_tokenizer(base, pad=pad)
     model, processor = BUILDERS[base](tok, {**overrides, **(text or {})}, vision or {}, image or IMAGE_SIZES.get(base, 32))
-    with torch.no_grad():  # zero-initialised matrices (Gemma 3's image projection) would make the image invisible
-        for param in model.parameters():
-            if param.ndim >= 2 and not param.any():
-                param.normal_(0.0, 0.2)
-    return model.eval(), processor
+    return seeded_init(model, tok.encode(PROBE, add_special_tokens=False), seed, std or WEIGHT_STD), processor
+
+
+def seeded_init(model: Any, probe: list[int], seed: int = 0, std: float = WEIGHT_STD,
+                logit_std: float = LOGIT_STD) -> Any:
+    """Every weight drawn here, from `seed`, whatever the installed transformers' own initialisation does (its
+    changes once made a test model's answers nearly constant): matrices and non-constant vectors ~ N(0, std);
+    constant vectors (norm scales, zero biases) stay as the architecture defines them. Then the output head is
+    scaled so that the logits after the `probe` token ids have a standard deviation of `logit_std`: the answers then move by
+    a wide margin with the image and the question whatever scale the architecture puts on its logits (Cohere's
+    logit_scale of 1/16, Gemma's embedding scaling). Parameters go in name order (independent of registration
+    order)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, param in sorted(model.named_parameters()):
+            if param.ndim == 1 and bool((param == param.flatten()[0]).all()):
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+        head = model.get_output_embeddings()
+        if logit_std and head.weight is not model.get_input_embeddings().weight:
+            logits = model.eval()(input_ids=torch.tensor([probe])).logits[0, -1].float()
+            head.weight.mul_(logit_std / float(logits.std()))
+    return model.eval()
 
 
 def save_random_vlm(arch: str, folder: str | Path, **kwargs: Any) -> Path:
@@ -416,14 +447,14 @@ def save_random_vlm(arch: str, folder: str | Path, **kwargs: Any) -> Path:
     return folder
 
 
-def save_random_lm(folder: str | Path, *, seed: int = 0, pad: bool = True, **text: Any) -> Path:
+def save_random_lm(folder: str | Path, *, seed: int = 0, pad: bool = True, style: Literal["bpe", "metaspace"] = "bpe",
+                   **text: Any) -> Path:
     """A random Llama-architecture causal LM with the same tokenizer (ChatML template), for the text teacher."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    tok = build_tokenizer("qwen2_vl", pad=pad)
-    model = LlamaForCausalLM(LlamaConfig(**_text(tok, **text))).eval()
+    tok = build_tokenizer("qwen2_vl", pad=pad, style=style)
+    model = seeded_init(LlamaForCausalLM(LlamaConfig(**_text(tok, **text))), tok.encode(PROBE, add_special_tokens=False),
+                        seed)
     folder = Path(folder)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
