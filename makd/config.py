@@ -108,13 +108,20 @@ class TrainConfig(Section):
     progress: bool = Field(True, json_schema_extra=EXECUTION, description="progress bars")
     amp: Literal["off", "bf16", "fp16"] = Field("off", json_schema_extra=RESULTS, description="autocast dtype (bf16 on GPUs; fp16 adds a grad scaler)")
     accumulation_steps: int = Field(1, ge=1, json_schema_extra=RESULTS, description="split each optimizer step's batch into this many micro-batches")
-    sync_bn: bool = Field(False, json_schema_extra=RESULTS, description="DDP on GPUs: batch-norm statistics over the global batch")
+    sync_bn: bool | Literal["auto"] = Field("auto", json_schema_extra=RESULTS, description="DDP: batch-norm statistics "
+                                            "over the global batch (GPUs: SyncBatchNorm; other devices: all-reduced "
+                                            "sums) instead of each process's own images; auto: on when a process "
+                                            "normalises fewer than 16 images (a false with so few says so in the log)")
+    deterministic: bool = Field(False, json_schema_extra=EXECUTION, description="GPUs: deterministic cuDNN kernels in "
+                                "full float32; false = cuDNN benchmarks for the fastest kernels and float32 "
+                                "matmuls/convolutions use TF32 (float rounding only, ~1e-3 relative). CPU runs are the "
+                                "same either way")
     wandb: bool = Field(False, json_schema_extra=EXECUTION, description="also log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = Field("makd", json_schema_extra=EXECUTION, description="Weights & Biases project")
     dist_timeout_min: float = Field(60.0, gt=0, json_schema_extra=EXECUTION, description="DDP: minutes a process may wait in a collective for the "
-                                    "others before the run is aborted. Generous: rank 0 alone validates, tests and "
-                                    "writes checkpoints while the others wait (NCCL's own default, 10 min, can abort a "
-                                    "long evaluation); a crashed rank is still noticed after this long")
+                                    "others before the run is aborted. Generous: rank 0 alone writes checkpoints and "
+                                    "results while the others wait (NCCL's own default, 10 min, can abort them); a "
+                                    "crashed rank is still noticed after this long")
 
 
 class GenerateConfig(Section):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from makd.config import Config, load_config, relocate, to_dict
 from makd.data import build_splits
-from makd.data.base import ImageSplit
+from makd.data.base import ImageSplit, loader_workers
 from makd.data.transforms import InputSpec, SplitDataset, build_transform
 from makd.errors import MakdError
 from makd.labels import LabelStore
@@ -30,38 +32,70 @@ class Predictions:
     targets: np.ndarray  # [N]
 
 
+def _alone(value: Any) -> list[Any]:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation (DDP): the batches `rank, rank + world, ...` of the one-process order, and
+    `gather`, which returns every process's value in rank order (the training loop passes its all-gather). Each
+    process evaluates exactly the batches one process would — no padding, no sample twice, the same batch
+    compositions — so N processes give the one-process numbers to the bit."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Any], list[Any]] = _alone
+
+    def batches(self, count: int, batch_size: int) -> list[list[int]]:
+        every = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+        return every[self.rank::self.world]
+
+    def in_order(self, mine: list[Any]) -> list[Any]:
+        """Every process's per-batch values (`mine`: this process's, one per batch of `batches`), in batch order."""
+        parts = self.gather(mine)
+        total = sum(len(p) for p in parts)
+        return [parts[k % self.world][k // self.world] for k in range(total)]
+
+
+ONE_PROCESS = Shard()
+
+
 def predict(model: Student, split: ImageSplit, spec: InputSpec, batch_size: int = 512, device: str | torch.device = "cpu",
-            channels_last: bool = False, num_workers: int = 0) -> Predictions:
-    return _predict(model, None, split, spec, batch_size, device, channels_last, num_workers)[0]
+            channels_last: bool = False, num_workers: int = 0, shard: Shard = ONE_PROCESS) -> Predictions:
+    return _predict(model, None, split, spec, batch_size, device, channels_last, num_workers, shard)[0]
 
 
 def predict_members(stacked: StackedStudent, split: ImageSplit, spec: InputSpec, batch_size: int = 512,
                     device: str | torch.device = "cpu", num_workers: int = 0) -> list[Predictions]:
     """Each member of a stacked student on the same images, in one pass (what seed batches validate and test with)."""
-    return _predict(stacked, stacked.members, split, spec, batch_size, device, False, num_workers)
+    return _predict(stacked, stacked.members, split, spec, batch_size, device, False, num_workers, ONE_PROCESS)
 
 
 @torch.inference_mode()
 def _predict(model: torch.nn.Module, members: int | None, split: ImageSplit, spec: InputSpec, batch_size: int,
-             device: str | torch.device, channels_last: bool, num_workers: int) -> list[Predictions]:
-    loader = DataLoader(SplitDataset(split, build_transform(spec, train=False), spec), batch_size=batch_size,
-                        num_workers=num_workers)
+             device: str | torch.device, channels_last: bool, num_workers: int, shard: Shard) -> list[Predictions]:
+    """Images are decoded and transformed in `num_workers` loader processes, ahead of the model."""
+    device = torch.device(device)
+    batches = shard.batches(len(split), batch_size)
+    loader = DataLoader(SplitDataset(split, build_transform(spec, train=False), spec), batch_sampler=batches,
+                        num_workers=num_workers if batches else 0, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     net = fold_batch_norms(model)
-    class_parts, aspect_parts = [], []
+    outputs = []  # per batch: (class logits [K, B, C], aspect logits [K, B, Q] or None)
     for x, _, _ in loader:
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = net(x) if members is None else net(x.unsqueeze(0).expand(members, *x.shape))
         lead = (lambda t: t.unsqueeze(0)) if members is None else (lambda t: t)  # [K, B, ...] either way
-        class_parts.append(lead(out.class_logits).float().cpu())
-        if out.aspect_logits is not None:
-            aspect_parts.append(lead(out.aspect_logits).float().cpu())
+        aspects = None if out.aspect_logits is None else lead(out.aspect_logits).float().cpu().numpy()
+        outputs.append((lead(out.class_logits).float().cpu().numpy(), aspects))
     model.train(was_training)
-    classes = torch.cat(class_parts, dim=1).numpy()
-    aspects = torch.cat(aspect_parts, dim=1).numpy() if aspect_parts else None
+    outputs = shard.in_order(outputs)
+    classes = np.concatenate([c for c, _ in outputs], axis=1)
+    aspects = np.concatenate([a for _, a in outputs], axis=1) if outputs[0][1] is not None else None
     return [Predictions(classes[k], None if aspects is None else aspects[k], split.targets.copy())
             for k in range(len(classes))]
 
@@ -174,11 +208,11 @@ class Evaluation:
 
 def evaluate_student(model: Student, spec: InputSpec, split: ImageSplit, teacher: LabelStore | None = None, *,
                      batch_size: int = 256, device: str | torch.device = "cpu", channels_last: bool = False,
-                     num_workers: int = 0) -> Evaluation:
+                     num_workers: int = 0, shard: Shard = ONE_PROCESS) -> Evaluation:
     """The one way makd scores a student on a split: class metrics, and the aspect head against the teacher's
-    answers on the samples the label store covers (a subset is enough). Used by training, `makd evaluate` and
-    the demo."""
-    preds = predict(model, split, spec, batch_size, device, channels_last, num_workers)
+    answers on the samples the label store covers (a subset is enough). Used by training (every DDP process
+    predicts its `shard`; every process gets the whole split's numbers), `makd evaluate` and the demo."""
+    preds = predict(model, split, spec, batch_size, device, channels_last, num_workers, shard)
     return Evaluation(score_predictions(preds, split, teacher), preds)
 
 
@@ -235,7 +269,7 @@ def evaluate_file(model_path: str, split: str = "test", labels: str | None = Non
         looked = [labels] if labels else [config.labels.path, *missing.get("labels.path", [])[1:]]
         store = _open_store(looked, meta["question_set_hash"])
     result = evaluate_student(model, InputSpec(**meta["input"]), data, store, batch_size=config.train.eval_batch_size,
-                              num_workers=config.data.num_workers)
+                              num_workers=loader_workers(config.data.num_workers, data.array is not None, "cpu"))
     report = {"model": str(model_path), "epoch": meta.get("epoch"), **result.metrics}
     if "aspects" in report:
         report["aspects"]["questions"] = [q["text"] for q in meta["questions"]]

@@ -27,6 +27,7 @@ class Batch:
     aspect_logodds: torch.Tensor | None = None  # [B, Q] teacher log-odds
     aspect_mass: torch.Tensor | None = None  # [B, Q] teacher answer mass
     teacher_logits: torch.Tensor | None = None  # [B, C] class logits of the KD teacher (kd_teacher)
+    aspect_flags: torch.Tensor | None = None  # [B, Q] uint8 flags of the label store (nonzero: a bounded target)
     epoch: float = 0.0  # training progress in epochs, for terms with a warm-up
 
 
@@ -43,18 +44,41 @@ def cross_entropy(out: StudentOutput, batch: Batch, label_smoothing: float = 0.0
 
 
 @register("aspect_bce", needs_aspects=True)
-def aspect_bce(out: StudentOutput, batch: Batch, temperature: float = 1.0, mass_weighting: bool = False) -> torch.Tensor:
+def aspect_bce(out: StudentOutput, batch: Batch, temperature: float = 1.0, mass_weighting: bool = False,
+               keep_bounded: bool = False) -> torch.Tensor:
     """The paper's term: mean BCE-with-logits of the aspect head against sigmoid(teacher log-odds / T).
 
     With `mass_weighting`, each (image, question) counts in proportion to how much probability the teacher
-    put on answering Yes/No at all, so questions it did not answer in form barely teach.
+    put on answering Yes/No at all, so questions it did not answer in form barely teach. Pairs the label store
+    flags (a teacher that saw only its top-k log-probabilities and found no Yes or no No among them: the log-odds
+    are a bound, not a value) weigh 0 unless `keep_bounded`.
     """
     if out.aspect_logits is None or batch.aspect_logodds is None:
         raise MakdError("loss.aspect_bce needs an aspect head and teacher labels (set labels.path and questions)")
     target = torch.sigmoid(batch.aspect_logodds / temperature)
     weight = batch.aspect_mass if mass_weighting else None
+    if batch.aspect_flags is not None and not keep_bounded:
+        kept = (batch.aspect_flags == 0).to(target.dtype)
+        weight = kept if weight is None else weight * kept
     loss = F.binary_cross_entropy_with_logits(out.aspect_logits.float(), target, weight=weight, reduction="sum")
-    return loss / (weight.sum().clamp_min(1e-12) if weight is not None else target.numel())
+    if weight is None:
+        return loss / target.numel()
+    return loss / shared_denominator(weight.sum()).clamp_min(1e-12)
+
+
+def shared_denominator(local: torch.Tensor) -> torch.Tensor:
+    """The denominator of a weighted mean over the global batch, for a loss that DDP then averages over processes:
+    this process's total weight summed over every process, divided by their number (one process: the total). With
+    each process's own total instead, processes whose shares weigh differently (kept pairs, positive boxes) would
+    count alike, and N processes would not train as one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return local
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / world
 
 
 def _teacher(out: StudentOutput, batch: Batch, term: str) -> tuple[torch.Tensor, torch.Tensor]:

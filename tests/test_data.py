@@ -1,4 +1,5 @@
 import gzip
+import logging
 
 import numpy as np
 import pytest
@@ -160,3 +161,23 @@ def test_file_splits_and_random_resized_crops_are_fetched_image_by_image(tiny_im
     assert not dataset.batched  # files are decoded one by one; RandomResizedCrop draws one crop per call
     images, _, _ = torch.utils.data.default_collate(dataset.__getitems__([0, 1, 2]))
     assert images.shape == (3, train.channels, 32, 32)
+
+
+def test_channels_come_from_every_file_or_the_config(tmp_path, caplog):
+    """A greyscale first image no longer makes an RGB folder greyscale: 1 channel only when every image is."""
+    caplog.set_level(logging.INFO, logger="makd")
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (8, 8), 40 * i).save(tmp_path / split / cls / f"{i}.png")
+    grey = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0)
+    assert build_splits(grey)["train"].channels == 1 and "mixes greyscale" not in caplog.text
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "train" / "b" / "2.png")  # sorted last: 5 grey files first
+    mixed = build_splits(grey)["train"]
+    assert mixed.channels == 3 and input_spec(mixed, 8).in_chans == 3
+    assert f"split 'train' mixes greyscale and colour images (5 greyscale before {tmp_path / 'train' / 'b' / '2.png'})" \
+        in caplog.text
+    assert build_splits(grey.model_copy(update={"channels": 1}))["train"].channels == 1  # data.channels decides
+    with pytest.raises(MakdError, match="data.channels=3: the fashion_mnist images have 1 channel"):
+        build_splits(DataConfig(train_per_class=1, val_per_class=1, test_per_class=1, channels=3))

@@ -45,15 +45,15 @@ def one_image_target(q: int = 3, boxes=((10.0, 12.0, 50.0, 60.0), (70.0, 20.0, 1
     n = len(boxes)
     return {"boxes": torch.tensor(boxes), "labels": torch.arange(1, n + 1),
             "aspect_logodds": torch.linspace(-2, 2, n * q).view(n, q), "aspect_mass": torch.ones(n, q),
-            "aspect_weight": torch.ones(n)}
+            "aspect_weight": torch.ones(n, q)}
 
 
 # -- the aspect loss ------------------------------------------------------------------------------------------
 def test_aspect_loss_golden_value():
     """Two images: positives matched to boxes 1, 0 and 1 (one box without a teacher row), T = 2, mass weighting."""
     targets = [{"aspect_logodds": torch.tensor([[2.0, -2.0], [0.0, 4.0]]), "aspect_mass": torch.tensor([[1.0, 0.5], [1.0, 1.0]]),
-                "aspect_weight": torch.tensor([1.0, 1.0])},
-               {"aspect_logodds": torch.tensor([[1.0, 1.0]]), "aspect_mass": torch.ones(1, 2), "aspect_weight": torch.tensor([0.0])}]
+                "aspect_weight": torch.ones(2, 2)},
+               {"aspect_logodds": torch.tensor([[1.0, 1.0]]), "aspect_mass": torch.ones(1, 2), "aspect_weight": torch.zeros(1, 2)}]
     logits = torch.tensor([[0.5, -1.0], [1.0, 0.0], [3.0, 3.0]])
     matched = [torch.tensor([1, 0]), torch.tensor([0])]
 
@@ -171,7 +171,7 @@ def test_fcos_aspect_loss():
     losses["aspect"].backward()
     assert model.head.aspect_logits.weight.grad.abs().sum() > 0
     assert model.head.classification_head.cls_logits.weight.grad is None  # the aspect term trains the tower, not cls
-    no_rows = {**target, "aspect_weight": torch.zeros(2)}
+    no_rows = {**target, "aspect_weight": torch.zeros(2, 3)}
     assert model([image], [no_rows])["aspect"].item() == 0.0
     model.eval()
     model.score_thresh = 0.0
@@ -259,7 +259,7 @@ def test_augmentations_keep_boxes_labels_and_aspect_rows_aligned():
         image[:, y1:y2, x1:x2] = level
     target = {"boxes": torch.tensor(rects, dtype=torch.float32), "labels": torch.tensor([1, 2, 3]),
               "aspect_logodds": torch.tensor(levels, dtype=torch.float32)[:, None].repeat(1, 2),
-              "aspect_mass": torch.ones(3, 2), "aspect_weight": torch.ones(3), "box_index": torch.arange(3)}
+              "aspect_mass": torch.ones(3, 2), "aspect_weight": torch.ones(3, 2), "box_index": torch.arange(3)}
     model = tiny().eval()
     for name in [*AUGMENTATIONS, "hflip+zoom_out+iou_crop"]:
         augment = build_augment(name.split("+"))

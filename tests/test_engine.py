@@ -7,19 +7,23 @@ import csv
 import numpy as np
 import pytest
 import torch
+from conftest import PixelTeacher, make_question_set
 from safetensors.torch import load_file, save_file
 from test_trainer import TINY, labelled  # noqa: F401  (fixture)
 
 from makd.config import KDTeacherConfig, load_config
 from makd.data import build_splits
+from makd.data.base import ImageSplit
 from makd.data.fashion_mnist import CLASSES as FMNIST_CLASSES
 from makd.engine import train
-from makd.engine.classification import split_batch
+from makd.engine.classification import ClassificationTask, split_batch
 from makd.engine.trainer import Trainer
 from makd.errors import MakdError
+from makd.labels import label_split
 from makd.losses import Batch
 from makd.models.kd_teacher import load_kd_teacher
 from makd.models.student_file import load_student
+from makd.teachers.base import AspectScores
 
 # A LayerNorm-only model: no batch statistics, so micro-batches and processes see the same function.
 VIT = ["model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 16, depth: 1, num_heads: 2}",
@@ -152,3 +156,53 @@ def test_evaluate_a_run_folder_reports_best_and_last(teacher_run):
     for which in ("best", "last"):
         assert report[which]["top1"] == pytest.approx(results[f"test_top1_{which}"])
         assert report[which]["ece"] == pytest.approx(results[f"test_ece_{which}"])
+
+
+def test_a_non_finite_loss_stops_fp32_at_the_next_check_and_fp16_leaves_it_to_the_grad_scaler(tmp_path, monkeypatch, caplog):
+    """Nothing reads the loss on the host per step: fp32 stops at the next check (here the epoch's end) with one line;
+    with fp16 the grad scaler skips the step (and halves its scale), the epoch's loss leaves the step out."""
+    original, calls = ClassificationTask.loss, {"n": 0}
+
+    def poisoned(self, net, batch, epoch):
+        total, parts, counted = original(self, net, batch, epoch)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] == 2 else total), parts, counted
+
+    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
+    common = TINY + ["loss.aspect_bce.weight=0", "train.epochs=1"]
+    with pytest.raises(MakdError, match=r"^loss became nan between steps 0 and 5: lower optim.lr$"):
+        train(load_config(overrides=common + [f"out={tmp_path / 'fp32'}"]))
+    calls["n"] = 0
+    train(load_config(overrides=common + [f"out={tmp_path / 'fp16'}", "train.amp=fp16"]))
+    assert "epoch 1: 1 fp16 step(s) with a non-finite loss, skipped by the grad scaler" in caplog.text
+    row = next(csv.DictReader((tmp_path / "fp16" / "metrics.csv").open()))
+    assert np.isfinite(float(row["loss"])) and float(row["loss"]) > 0
+    scale = torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"]
+    assert scale == 2.0**15  # 2**16 at the start, halved once by the skipped step
+
+
+class FlaggingTeacher(PixelTeacher):
+    """PixelTeacher whose answers above 0.5 log-odds come flagged as bounds (as the openai teacher's NO_BOUNDED)."""
+
+    name = "flagging"
+
+    def score(self, images, questions):
+        scores = super().score(images, questions)
+        return AspectScores(scores.logodds, scores.mass, (scores.logodds > 0.5).astype(np.uint8) * 2)
+
+
+def test_the_stores_flags_reach_the_aspect_loss_in_the_training_rows_order(tmp_path):
+    splits = build_splits(load_config(overrides=TINY).data)
+    questions = make_question_set(splits["train"].class_names)
+    questions.save(tmp_path / "q.json")
+    # The store in another order than the training split (test first), so that the rows must be joined by id.
+    label_split(ImageSplit.concat([splits["test"], splits["train"]], "all"), FlaggingTeacher(), questions,
+                tmp_path / "labels", shard_size=16, progress=False)
+    trainer = Trainer(load_config(overrides=TINY + [f"out={tmp_path / 'run'}", f"questions={tmp_path / 'q.json'}",
+                                                    f"labels.path={tmp_path / 'labels'}"]))
+    expected = FlaggingTeacher().score(splits["train"].images(range(len(splits["train"]))), questions).flags
+    flags = trainer.task.aspects.flags
+    assert flags is not None and 0 < int((flags > 0).sum()) < flags.numel()
+    assert np.array_equal(flags.numpy(), expected)
+    batch = next(iter(trainer.task.batches(0, 8, 0)))
+    assert batch.targets.aspect_flags.dtype == torch.uint8 and batch.targets.aspect_flags.shape == (8, 4)

@@ -33,6 +33,18 @@ def test_aspect_bce_mass_weighting():
     assert aspect_bce(OUT, BATCH, mass_weighting=True).item() == pytest.approx(0.9322221778477037, abs=1e-6)
 
 
+def test_aspect_bce_leaves_out_the_pairs_the_store_flags_as_bounds():
+    # The openai teacher's flags: 2 = no No variant among its top-k (the log-odds are a bound). The flagged pair
+    # weighs 0: log 2 alone; keep_bounded keeps both (the plain golden value); with mass weighting only kept pairs count.
+    flagged = Batch(BATCH.labels, BATCH.aspect_logodds, BATCH.aspect_mass, aspect_flags=torch.tensor([[0, 2]], dtype=torch.uint8))
+    assert aspect_bce(OUT, flagged).item() == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert aspect_bce(OUT, flagged, keep_bounded=True).item() == pytest.approx(1.2908346737793415, abs=1e-6)
+    assert aspect_bce(OUT, flagged, mass_weighting=True).item() == pytest.approx(0.6931471805599453, abs=1e-6)
+    first = Batch(BATCH.labels, BATCH.aspect_logodds, BATCH.aspect_mass, aspect_flags=torch.tensor([[1, 0]], dtype=torch.uint8))
+    # softplus(2) - 2 sigmoid(-2), its weight 0.25 divided by the kept weight 0.25
+    assert aspect_bce(OUT, first, mass_weighting=True).item() == pytest.approx(1.888522166986733, abs=1e-6)
+
+
 def test_aspect_bce_matches_torch_formula_on_random_inputs():
     g = torch.Generator().manual_seed(0)
     logits, logodds = torch.randn(8, 5, generator=g), 3 * torch.randn(8, 5, generator=g)

@@ -77,12 +77,12 @@ def test_a_step_of_the_batch_is_each_runs_step(tmp_path, labelled):
         assert torch.equal(stacked.images[k], b.images) and torch.equal(stacked.targets[k].labels, b.targets.labels)
         assert torch.equal(stacked.targets[k].aspect_logodds, b.targets.aspect_logodds)
     lr = lr_at(members[0], 0, singles[0].steps_per_epoch)
-    values, counters = group.train_step(stacked, lr)
+    values = group.step_values(*group.train_step(stacked, lr))
     for k, (single, batch) in enumerate(zip(singles, batches)):
-        one, correct = single.train_step(batch, lr)
+        one = single.step_values(*single.train_step(batch, lr))
         assert values[f"loss_ce@{k}"] == pytest.approx(one["loss_ce"], rel=1e-6)
         assert values[f"loss_aspect_bce@{k}"] == pytest.approx(one["loss_aspect_bce"], rel=1e-6)
-        assert counters[f"correct@{k}"] == correct["correct"]
+        assert values[f"correct@{k}"] == one["correct"]
         state = group.model.member_state(k)
         for name, value in single.model.state_dict().items():  # weight decay, momentum: the same update
             torch.testing.assert_close(state[name], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k} {name}: {m}")

@@ -11,6 +11,7 @@ from makd.config import load_config
 from makd.data import build_splits
 from makd.engine import train
 from makd.engine.classification import permute_targets
+from makd.engine.seeding import SeededFetch
 from makd.engine.trainer import Trainer, lr_at
 from makd.errors import MakdError
 from makd.models.student_file import load_student
@@ -99,7 +100,11 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
     train_until_interrupted(config, monkeypatch, at_step=8)  # epoch 2, step 3 of 5
     state = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    fetched = []  # the training batches the resumed run loads
+    monkeypatch.setattr(SeededFetch, "__getitems__", lambda self, batch, fetch=SeededFetch.__getitems__: (
+        fetched.append(list(batch)) or fetch(self, batch)))
     results = train(config)
+    assert len(fetched) == 3 + 5  # the rest of epoch 2, then epoch 3: the 2 trained batches were skipped unloaded
 
     a, b = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "crash" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -112,8 +117,8 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, labelled, monkeypatch):
 
 def test_checkpoint_every_n_epochs_resumes_from_the_last_saved_epoch(tmp_path, labelled, monkeypatch):
     """`train.checkpoint_every: 2` saves after epoch 2 and after validations (here the last epoch) only; a kill in
-    epoch 3 loses that epoch, and the re-run (with another checkpoint frequency, a change that may not alter
-    anything) ends bit-identical to a run that checkpointed every epoch."""
+    epoch 3 loses that epoch, and the re-run (with another checkpoint frequency and 2 loader processes, changes that
+    may not alter anything) ends bit-identical to a run that checkpointed every epoch and loaded in-process."""
     common = TINY + [f"questions={labelled / 'q.json'}", f"labels.path={labelled / 'labels'}", "train.eval_every=3"]
     train(load_config(overrides=common + [f"out={tmp_path / 'ref'}"]))
 
@@ -122,7 +127,8 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_saved_epoch(tmp_path, l
     state = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
     assert not (tmp_path / "crash" / "checkpoints" / "last.prev.pt").exists()  # epoch 1 was not saved
-    train(load_config(overrides=common + [f"out={tmp_path / 'crash'}", "train.checkpoint_every=1"]))
+    # Loader processes change nothing computed either: each batch's draws are seeded by its step.
+    train(load_config(overrides=common + [f"out={tmp_path / 'crash'}", "train.checkpoint_every=1", "data.num_workers=2"]))
     for name in ("last", "best"):
         a, b = load_file(tmp_path / "ref" / f"{name}.safetensors"), load_file(tmp_path / "crash" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,10 @@ with the label store: labels are never matched by position or parsed from file n
 from __future__ import annotations
 
 import io
+import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from makd.errors import MakdError
 
+log = logging.getLogger("makd.data")
 # Image files a server decodes to the pixels makd's loader gives (JPEG/PNG/WebP in RGB or grey): sent as they are.
 # Pillow calls a JPEG with extra frames (cameras' multi-picture files) MPO; its first frame is the JPEG image.
 SENT_AS_IS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -106,10 +110,14 @@ class ImageSplit:
 
     @property
     def channels(self) -> int:
-        """1 for greyscale data (judged by the first image for files), else 3."""
+        """1 for greyscale data, else 3: `data.channels` when set (info["channels"]), an array's shape, or for files
+        whether every file is greyscale (found once, then kept in `info`)."""
         if self.array is not None:
             return 1 if self.array.ndim == 3 else self.array.shape[-1]
-        return 1 if self.image(0).mode == "L" else 3
+        if self.info.get("channels") in (1, 3):
+            return self.info["channels"]
+        self.info["channels"] = file_channels(self.paths, f"split {self.name!r}")
+        return self.info["channels"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,30 @@ def load_image(path: Path) -> Image.Image:
     with image_errors(path), Image.open(path) as img:
         img.load()
         return img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+
+
+def image_mode(path: Path) -> str:
+    """The file's PIL mode, from its header (nothing is decoded)."""
+    with image_errors(path), Image.open(path) as img:
+        return img.mode
+
+
+def file_channels(paths: Sequence[Path], what: str, chunk: int = 256) -> int:
+    """1 when every file is greyscale ('L'), else 3. Headers are read a chunk at a time in threads (I/O), stopping
+    at the chunk that holds the first colour image; greyscale files before it mean a mixed folder, read as RGB
+    (its greyscale images are converted), which the log states."""
+    grey = 0
+    with ThreadPoolExecutor(8) as pool:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            for path, mode in zip(part, pool.map(image_mode, part)):
+                if mode != "L":
+                    if grey:
+                        log.info("%s mixes greyscale and colour images (%d greyscale before %s): read as RGB, the "
+                                 "greyscale ones converted; data.channels=1 trains on greyscale instead", what, grey, path)
+                    return 3
+                grey += 1
+    return 1
 
 
 def sent_as_is(file: Path | BinaryIO) -> str | None:
@@ -185,3 +217,25 @@ def per_class_sample(targets: np.ndarray, per_class: int, rng: np.random.Generat
                             f"class {cls} has only {len(pool)} samples available, {per_class} requested")
         chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def loader_workers(setting: int | str, in_memory: bool, device_type: str) -> int:
+    """`data.num_workers` as a number. "auto": for a model on a GPU, the CPU cores available to this process — its
+    affinity mask (Slurm binds each task to its cores) shared by the processes torchrun started on the node
+    (LOCAL_WORLD_SIZE) — to decode and augment ahead of it; none for in-memory arrays (fetching a batch costs less
+    than passing it between processes) and none for a model on the CPU (its own threads use the cores: loader
+    processes compete with them — the detection demo trains at 0.83x with one)."""
+    if setting != "auto":
+        return int(setting)
+    if in_memory or device_type == "cpu":
+        return 0
+    return cores_per_process()
+
+
+def cores_per_process() -> int:
+    """The CPU cores this process may use (its affinity mask) over the processes torchrun started on its node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))

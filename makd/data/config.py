@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -50,7 +50,18 @@ class DataConfig(Section):
                                      "crop back to size; null = 1/8 of the image side")
     train_complement: bool = Field(False, json_schema_extra=RESULTS, description="train on the pool minus the few-shot training subset and the "
                                    "validation split: a KD teacher that never saw the student's images")
-    num_workers: int = Field(0, ge=0, json_schema_extra=EXECUTION, description="DataLoader worker processes (0 = load in the training process)")
+    channels: Literal["auto", 1, 3] = Field("auto", json_schema_extra=RESULTS, description="channels the model takes: "
+                                            "1 (greyscale) or 3 (RGB); auto: an in-memory dataset's own, and for image "
+                                            "files 1 only when every training image is greyscale (a folder mixing "
+                                            "greyscale and colour images is read as RGB, and the log says so)")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", json_schema_extra=EXECUTION, description="loader processes per training process that decode and "
+        "augment images ahead of the model (training, validation and test); auto: for a model on a GPU the CPU cores "
+        "available to each training process, none for in-memory datasets (a batch is fetched faster than it could be "
+        "passed between processes) or a model on the CPU (its threads use the cores); 0 = load in the training "
+        "process. Changes nothing computed: every batch's random draws are seeded by its step")
+    prefetch_factor: int = Field(2, ge=1, json_schema_extra=EXECUTION,
+                                 description="batches each loader process prepares ahead of the model")
 
     @field_validator("dataset")
     @classmethod

@@ -110,6 +110,12 @@ def build_splits(config: DataConfig, needed: Collection[str] = SPLITS) -> dict[s
             test = test.subset(_per_class(test, "data.test_per_class", config.test_per_class, rng, "test images",
                                           FEW_SHOT_ADVICE))
         splits["test"] = test
+    if config.channels != "auto":
+        for split in splits.values():
+            if split.array is not None and split.channels != config.channels:
+                raise MakdError(f"data.channels={config.channels}: the {config.dataset} images have {split.channels} "
+                                "channel(s); set it to auto")
+            split.info["channels"] = config.channels
     return splits
 
 

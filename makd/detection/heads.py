@@ -8,8 +8,9 @@
   locations (matched_idxs >= 0).
 
 Both use `aspect_box_loss`: mean BCE-with-logits against sigmoid(teacher log-odds of the matched box / T), each
-(box, question) weighted by whether the box has a teacher row (and, with mass weighting, by the answer mass).
-Targets carry per-box `aspect_logodds` [n, Q], `aspect_mass` [n, Q] and `aspect_weight` [n].
+(box, question) weighted by whether the box has a teacher answer (`aspect_weight`: 0 without a row, and for pairs
+the store flags as bounds) and, with mass weighting, by the answer mass.
+Targets carry per-box `aspect_logodds` [n, Q], `aspect_mass` [n, Q] and `aspect_weight` [n, Q].
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch.nn import functional as F
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
+from makd.losses import shared_denominator
+
 
 def aspect_box_loss(logits: Tensor, matched: list[Tensor], targets: list[dict[str, Tensor]], temperature: float = 1.0,
                     mass_weighting: bool = False) -> Tensor:
@@ -27,14 +30,15 @@ def aspect_box_loss(logits: Tensor, matched: list[Tensor], targets: list[dict[st
     index of image i's positives. Images without positives, or whose boxes have no teacher rows, add nothing."""
     q = logits.shape[-1]
     rows = [t["aspect_logodds"][m] for t, m in zip(targets, matched)]
-    weights = [t["aspect_weight"][m][:, None].expand(-1, q) for t, m in zip(targets, matched)]
+    weights = [t["aspect_weight"][m] for t, m in zip(targets, matched)]
     if mass_weighting:
         weights = [w * t["aspect_mass"][m] for w, t, m in zip(weights, targets, matched)]
     target = torch.sigmoid(torch.cat(rows).float() / temperature) if rows else logits.new_zeros((0, q))
     weight = torch.cat(weights).float() if weights else logits.new_zeros((0, q))
     bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-    # `logits.sum() * 0` keeps the head in the graph when nothing is positive (DDP needs every parameter used).
-    return (bce * weight).sum() / weight.sum().clamp_min(1e-12) + logits.sum() * 0
+    # Normalised by the weight of the global batch (DDP); `logits.sum() * 0` keeps the head in the graph when nothing
+    # is positive (DDP needs every parameter used).
+    return (bce * weight).sum() / shared_denominator(weight.sum()).clamp_min(1e-12) + logits.sum() * 0
 
 
 class AspectRoIHeads(RoIHeads):

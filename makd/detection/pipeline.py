@@ -56,7 +56,7 @@ class BoxTargets:
 
     logodds: np.ndarray  # [B, Q] float32
     mass: np.ndarray  # [B, Q]
-    weight: np.ndarray  # [B] 1 where the label store has the box, else 0
+    weight: np.ndarray  # [B, Q] 1 where the label store has the box's answer (and it is not a flagged bound), else 0
 
     @property
     def num_questions(self) -> int:

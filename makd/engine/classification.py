@@ -4,7 +4,6 @@ and the permuted-target controls, on a student with a class head and an aspect h
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,16 +11,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from makd.atomic import atomic_path, write_json
 from makd.config import Config, resolve_path, to_dict
 from makd.data import build_splits, describe_splits
-from makd.data.base import ImageSplit
+from makd.data.base import ImageSplit, loader_workers
 from makd.data.transforms import InputSpec, SplitDataset, build_transform, channel_stats, input_spec
 from makd.engine.distributed import Dist
-from makd.engine.seeding import derive_seed, seed_step, seed_worker
+from makd.engine.seeding import SeededBatch, SeededFetch, continue_step, derive_seed, fetched_as_is, seed_worker
 from makd.engine.tasks import TASKS, Task, autocast
 from makd.errors import MakdError
 from makd.evaluate import Predictions, evaluate_student, predict, score_predictions, topk_accuracy
@@ -41,6 +42,7 @@ class AspectTargets:
     store: LabelStore
     logodds: torch.Tensor  # [N_train, Q], aligned with the train split's rows
     mass: torch.Tensor
+    flags: torch.Tensor | None  # [N_train, Q] uint8, when the teacher flags its targets (see the store's metadata)
 
 
 def open_aspect_labels(config: Config, class_names: list[str]) -> tuple[QuestionSet, LabelStore]:
@@ -59,8 +61,23 @@ def open_aspect_labels(config: Config, class_names: list[str]) -> tuple[Question
 def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
     questions, store = open_aspect_labels(config, train.class_names)
     logodds, mass = store.lookup(train.sample_ids)
-    logodds, mass = permute_targets(logodds, mass, train.targets, config.labels.permute, config.train.seed)
-    return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass))
+    flags = lookup_flags(store, train.sample_ids)
+    order = target_order(train.targets, config.labels.permute, config.train.seed)
+    if order is not None:
+        logodds, mass = logodds[order], mass[order]
+        flags = None if flags is None else flags[order]
+    return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass),
+                         None if flags is None else torch.from_numpy(flags))
+
+
+def lookup_flags(store: LabelStore, sample_ids: list[str]) -> np.ndarray | None:
+    """The store's per-pair flags of `sample_ids`, in that order (None when its teacher writes none)."""
+    flags = store.read_flags()
+    if flags is None:
+        return None
+    stored, _, _ = store.read()
+    rows = pc.index_in(pa.array(sample_ids, pa.string()), value_set=pa.array(stored, pa.string()))
+    return np.ascontiguousarray(flags[rows.to_numpy(zero_copy_only=False).astype(np.int64)])
 
 
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
@@ -71,16 +88,42 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def permute_targets(logodds: np.ndarray, mass: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Controls: give each image another image's targets (any class, or the same class)."""
+def target_order(labels: np.ndarray, mode: str, seed: int) -> np.ndarray | None:
+    """Controls: the image whose targets each image gets (any class, or the same class); None: its own."""
     if mode == "none":
-        return logodds, mass
+        return None
     rng = np.random.default_rng(derive_seed(seed, 0x5EED))
     order = np.arange(len(labels))
     groups = [order] if mode == "images" else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for group in groups:
         order[group] = rng.permutation(group)
-    return logodds[order], mass[order]
+    return order
+
+
+def permute_targets(logodds: np.ndarray, mass: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Controls: give each image another image's targets (any class, or the same class)."""
+    order = target_order(labels, mode, seed)
+    return (logodds, mass) if order is None else (logodds[order], mass[order])
+
+
+def training_loader(dataset: SplitDataset, batches: list[SeededBatch], workers: int, prefetch_factor: int,
+                    device: torch.device) -> DataLoader:
+    """The loader of a run's training batches: `batches` (a list the caller refills every epoch) of SeededBatches
+    fetched in `workers` processes that persist across epochs, `prefetch_factor` batches ahead each, into pinned
+    memory on GPUs (what benchmarks/input_pipeline.py measures)."""
+    more = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers else {}
+    return DataLoader(SeededFetch(dataset), batch_sampler=batches, num_workers=workers, collate_fn=fetched_as_is,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=seed_worker, **more)
+
+
+def training_batches(loader: DataLoader, batches: list[SeededBatch],
+                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, rows) of each of `batches` (what the loader's batch list holds), each step's generators
+    continued from where its batch's draws left them."""
+    for batch, (samples, rng_state) in zip(batches, loader):
+        continue_step(batch.seed, rng_state, device)
+        yield samples
 
 
 @dataclass
@@ -125,6 +168,8 @@ class ClassificationTask(Task):
         self.dataset = SplitDataset(train, build_transform(self.spec, True, config.data.augment, config.data.crop_padding),
                                     self.spec)
         self._autocast = autocast(config, device)
+        self._batches: list[SeededBatch] = []  # the batch sampler of the training loader, set every epoch
+        self._loader: DataLoader | None = None
 
     def _kd_teacher(self, train: ImageSplit) -> KDTeacher | None:
         if not self.weighted_loss.needs_teacher:
@@ -137,26 +182,28 @@ class ClassificationTask(Task):
     def num_train_samples(self) -> int:
         return len(self.dataset)
 
-    def epoch_loader(self, epoch: int, local_batch: int) -> DataLoader:
-        """This process's share of the epoch: the global order is a permutation seeded by (seed, epoch);
-        process r takes every world_size-th sample, so one step's batches together form the global batch."""
+    def epoch_batches(self, epoch: int, local_batch: int) -> list[SeededBatch]:
+        """This process's batches of `epoch`: the global order is a permutation seeded by (seed, epoch); process r
+        takes every world_size-th sample, so one step's batches together form the global batch. Each batch carries
+        its step's seed (augmentation, dropout)."""
         seed, key = self.config.train.seed, self.dist.seed_key
-        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=derive_seed(seed, epoch, 1), drop_last=False)
-        return DataLoader(self.dataset, batch_size=local_batch, sampler=sampler, num_workers=self.config.data.num_workers,
-                          generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 2, *key)),
-                          worker_init_fn=seed_worker, pin_memory=self.device.type == "cuda", persistent_workers=False)
+        order = list(DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                        seed=derive_seed(seed, epoch, 1), drop_last=False))
+        return [SeededBatch(order[start:start + local_batch], derive_seed(seed, epoch, step, 3, *key))
+                for step, start in enumerate(range(0, len(order), local_batch))]
+
+    def _train_loader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.workers
+            log.info("data: %d loader process(es) per training process", workers)
+            self._loader = training_loader(self.dataset, self._batches, workers, self.config.data.prefetch_factor,
+                                           self.device)
+        return self._loader
 
     def batches(self, epoch: int, local_batch: int, start_step: int) -> Iterator[ImageBatch]:
-        seed, key = self.config.train.seed, self.dist.seed_key
-        it = iter(self.epoch_loader(epoch, local_batch))
-        for _ in range(start_step):  # mid-epoch resume: replay the order, skip trained batches
-            next(it)
-        steps = math.ceil(math.ceil(len(self.dataset) / self.dist.world_size) / local_batch)
-        for step in range(start_step, steps):
-            # Augmentation without workers, and dropout in the step, draw from the global generator.
-            seed_step(derive_seed(seed, epoch, step, 3, *key), self.device)
-            x, y, rows = next(it)
+        mine = self.epoch_batches(epoch, local_batch)[start_step:]  # a resumed epoch skips trained batches unloaded
+        self._batches[:] = mine
+        for x, y, rows in training_batches(self._train_loader(), mine, self.device):
             yield self._on_device(x, y, rows)
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> ImageBatch:
@@ -166,10 +213,15 @@ class ClassificationTask(Task):
         if self.aspects is not None:
             targets.aspect_logodds = self.aspects.logodds[rows].to(self.device)
             targets.aspect_mass = self.aspects.mass[rows].to(self.device)
+            if self.aspects.flags is not None:
+                targets.aspect_flags = self.aspects.flags[rows].to(self.device)
         if self.kd_teacher is not None:
             with self._autocast:
                 targets.teacher_logits = self.kd_teacher(x).float()
         return ImageBatch(x, targets)
+
+    def end_training(self) -> None:
+        self._loader = None  # its persistent loader processes stop with it
 
     def split(self, batch: ImageBatch, parts: int) -> list[ImageBatch]:
         if parts == 1:
@@ -203,8 +255,13 @@ class ClassificationTask(Task):
         cfg = self.config
         with self._autocast:  # validation in the training precision (bf16 on a CPU that has it is ~2x faster)
             preds = predict(self.model, self.splits["val"], self.spec, cfg.train.eval_batch_size, self.device,
-                            cfg.train.channels_last, cfg.data.num_workers)
+                            cfg.train.channels_last, self.workers, self.evaluation_shard())
         return {"val_top1": topk_accuracy(preds.class_logits, preds.targets)}
+
+    @property
+    def workers(self) -> int:
+        """Loader processes of this run's training, validation and test (`data.num_workers`)."""
+        return loader_workers(self.config.data.num_workers, self.splits["train"].array is not None, self.device.type)
 
     def student_meta(self, epoch: int) -> dict[str, Any]:
         q = self.aspects.questions if self.aspects else None
@@ -227,7 +284,8 @@ class ClassificationTask(Task):
 
     def finish(self, run: Path, state: Any, predictions: dict[str, Predictions] | None = None) -> dict[str, Any]:
         """Test the best-on-validation and last students (class logits only; the aspect head against the teacher).
-        `predictions` of the two files on the test split may be given (a seed batch computes them all at once)."""
+        `predictions` of the two files on the test split may be given (a seed batch computes them all at once).
+        Every DDP process tests its share and gets the results; the main one writes the files."""
         test, cfg = self.splits["test"], self.config.train
         teacher = self.aspects.store if self.aspects else None
         results: dict[str, Any] = {"name": self.config.name, "seed": cfg.seed, "best_epoch": state.best_epoch,
@@ -244,16 +302,18 @@ class ClassificationTask(Task):
                 model = model.to(self.device).to(memory_format=self.memory_format)
                 result = evaluate_student(model, self.spec, test, teacher, batch_size=cfg.eval_batch_size,
                                           device=self.device, channels_last=cfg.channels_last,
-                                          num_workers=self.config.data.num_workers)
+                                          num_workers=self.workers, shard=self.evaluation_shard())
                 preds, metrics = result.predictions, result.metrics
             results.update({f"test_{k}_{which}": metrics[k] for k in ("top1", "top5", "ece")})
             if "aspects" in metrics:
                 results[f"aspect_agreement_{which}"] = metrics["aspects"]
-            if which == "best":
+            if which == "best" and self.dist.main:
                 with atomic_path(run / "test_class_logits_best.npy") as tmp, open(tmp, "wb") as f:
                     np.save(f, preds.class_logits)
         for key in [k for k in results if k.endswith("_best") and k.startswith(("test_", "aspect_"))]:
             results.setdefault(key.removesuffix("_best") + "_last", results[key])
+        if not self.dist.main:
+            return results
         write_json(run / "results.json", results)
         write_run_report(run, self.config, results, state.history)
         log.info("%s: test top-1 %.2f (best-on-val epoch %d), %.2f (last)", self.config.name,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from makd.launchers import Dist, from_env, process_device
 
-__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown"]
+__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown", "gather_objects"]
 
 DEFAULT_TIMEOUT_MIN = 60.0
 log = logging.getLogger("makd.train")
@@ -62,3 +62,15 @@ def sum_across(info: Dist, values: list[float]) -> list[float]:
 def shutdown(info: Dist) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- collectives of distributed evaluation (added after the launcher's part above) --------------------------------
+def gather_objects(info: Dist, value: object) -> list[object]:
+    """Every process's `value` (picklable: arrays, detections), on every process, in rank order. The processes are
+    one job's own, so unpickling what they send is as safe as the job itself."""
+    if not info.enabled:
+        return [value]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+

@@ -119,7 +119,7 @@ class SeedBatchTask(Task):
         first = self.tasks[0]
         cfg = first.config
         preds = predict_members(self.model, first.splits["val"], first.spec, cfg.train.eval_batch_size, self.device,
-                                cfg.data.num_workers)  # the members share the split: one pass for all of them
+                                first.workers)  # the members share the split: one pass for all of them
         scores = [topk_accuracy(p.class_logits, p.targets) for p in preds]
         return {**{f"val_top1@{k}": s for k, s in enumerate(scores)}, "val_top1_mean": sum(scores) / len(scores)}
 
@@ -158,6 +158,10 @@ class SeedBatchTask(Task):
     def validates(self) -> bool:
         return self.tasks[0].validates()
 
+    def end_training(self) -> None:
+        for task in self.tasks:
+            task.end_training()
+
     def export(self, which: str, epoch: int) -> None:
         # Each member's best file is written when its own validation improves (end_epoch); without validation the
         # loop asks for the last one as the best.
@@ -177,7 +181,7 @@ class SeedBatchTask(Task):
             students = [load_student(Path(t.config.out) / f"{which}.safetensors")[0] for t in self.tasks]
             stack = stack_students(students, check=False).to(self.device)
             predictions[which] = predict_members(stack, first.splits["test"], first.spec, first.config.train.eval_batch_size,
-                                                 self.device, first.config.data.num_workers)
+                                                 self.device, first.workers)
         results = []
         for k, (task, member) in enumerate(zip(self.tasks, self.states)):
             member.seconds = state.seconds / len(self.tasks)

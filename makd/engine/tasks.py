@@ -12,14 +12,18 @@ so the engine never imports a task's package (detection sits above the engine an
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from makd.config import Config
-from makd.engine.distributed import Dist
+from makd.engine.distributed import Dist, gather_objects
 from makd.registry import Registry
+
+if TYPE_CHECKING:
+    from makd.evaluate import Shard
 
 TASKS: Registry[type["Task"]] = Registry("task", "task", modules=("makd.engine.classification", "makd.detection.task"))
 
@@ -78,8 +82,15 @@ class Task:
         return True
 
     def validate(self) -> dict[str, float]:
-        """Validation numbers for the epoch's row; must hold `selection_metric`."""
+        """Validation numbers for the epoch's row; must hold `selection_metric`. Every DDP process calls it, evaluates
+        its `evaluation_shard()` and returns the numbers of the whole split."""
         raise NotImplementedError
+
+    def evaluation_shard(self) -> Shard:
+        """This process's part of an evaluation, and the all-gather that puts the parts together."""
+        from makd.evaluate import Shard  # evaluation is imported with the task, not with the loop
+
+        return Shard(self.dist.rank, self.dist.world_size, partial(gather_objects, self.dist))
 
     def export(self, which: str, epoch: int) -> None:
         """Write the model file `<out>/<which>.safetensors` (which: best or last), what predict/evaluate/export read."""
@@ -96,6 +107,9 @@ class Task:
     def end_epoch(self, row: dict[str, Any]) -> None:
         """Called with every epoch's row (after validation when there was one), before it is logged."""
 
+    def end_training(self) -> None:
+        """Called after the last epoch, before testing: release what only training needs (loader processes)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Task state saved in the training checkpoint (plain values and tensors)."""
         return {}
@@ -104,5 +118,6 @@ class Task:
         """Restore what `state_dict` saved (on resume)."""
 
     def finish(self, run: Path, state: Any) -> dict[str, Any]:
-        """Evaluate the best and last files on the test split; write results.json and report.md; return results."""
+        """Evaluate the best and last files on the test split (every DDP process its shard); the main process writes
+        results.json and report.md; every process returns the results."""
         raise NotImplementedError

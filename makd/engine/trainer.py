@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from makd.atomic import read_json, remove_stale_temporaries, write_json
+from makd.atomic import remove_stale_temporaries, write_json
 from makd.config import Config, load_config, save_config, to_dict
 from makd.effects import execution_keys
 from makd.engine import distributed
+from makd.engine.batch_norm import batch_norms, sync_batch_norms
 from makd.engine.checkpoint import load_newest_state, rng_states, save_state, set_rng_states
 from makd.engine.host_memory import keep_freed_memory
 from makd.engine.runlog import RunLog
@@ -32,6 +33,22 @@ from makd.engine.tasks import TASKS, Task, autocast
 from makd.errors import MakdError
 
 log = logging.getLogger("makd.train")
+
+
+CHECK_EVERY = 50  # steps between host syncs that check the loss is finite (and refresh the progress bar)
+SMALL_BATCH_NORM_BATCH = 16  # train.sync_bn auto: synchronise batch norm when a process normalises fewer images
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """GPUs: cuDNN benchmarks and picks the fastest kernels, float32 matmuls and convolutions use TF32 — unless
+    `train.deterministic` asks for deterministic kernels in full float32. (Set per run, never at import.)"""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    precision = "ieee" if deterministic else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,8 +92,9 @@ def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optim
 # Settings that may differ when a run is resumed: they do not change what is computed.
 NOT_TRAINING = ("generate.", "select.", "executor.")  # sections only the question stages and launchers read
 # The keys marked EXECUTION in the config (makd/effects.py): what a run computes does not depend on them (checkpoint
-# frequency included: tests/test_trainer.py proves it), or only in float rounding (threads, the memory layout, the
-# evaluation batch size: batch norm is per image when evaluating), or how the C allocator keeps freed memory. A run
+# frequency included: tests/test_trainer.py proves it; loader processes, as every batch's draws are seeded by its
+# step), or only in float rounding (threads, the memory layout, the evaluation batch size: batch norm is per image
+# when evaluating; GPU kernel choices: train.deterministic), or how the C allocator keeps freed memory. A run
 # resumed with another of these continues the same computation in another summation order.
 RESUMABLE_CHANGES = execution_keys(Config)
 
@@ -117,6 +135,7 @@ class Trainer:
         self.run = Path(config.out)
         self.dist = distributed.from_env()
         self.device = distributed.init(self.dist, resolve_device(cfg.device), cfg.dist_timeout_min)
+        configure_backends(self.device, cfg.deterministic)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.keep_freed_memory:
@@ -124,35 +143,52 @@ class Trainer:
         if cfg.batch_size % (self.dist.world_size * cfg.accumulation_steps):
             raise MakdError(f"train.batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes x "
                             f"train.accumulation_steps {cfg.accumulation_steps}")
+        self.local_batch = cfg.batch_size // self.dist.world_size
         self.task: Task = (task or TASKS.get(config.task))(config, self.device, self.dist)
         self.model = self.task.model
         self.net = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(config, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.autocast = autocast(config, self.device)
-        self.local_batch = cfg.batch_size // self.dist.world_size
         self.steps_per_epoch = math.ceil(math.ceil(self.task.num_train_samples() / self.dist.world_size) / self.local_batch)
         self.state = TrainState()
+        self._running: torch.Tensor | None = None  # the epoch's sums so far, on the device (see run_epoch)
 
     def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.dist.enabled:
             return model
-        if self.config.train.sync_bn:
-            if self.device.type != "cuda":
-                raise MakdError("train.sync_bn: synchronised batch norm needs GPUs (torch has no CPU kernel for it)")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        cfg = self.config.train
+        micro = self.local_batch // cfg.accumulation_steps
+        log.info("per-process batch: %d images (train.batch_size %d over %d processes)%s", self.local_batch,
+                 cfg.batch_size, self.dist.world_size,
+                 f", in {cfg.accumulation_steps} micro-batches of {micro}" if cfg.accumulation_steps > 1 else "")
+        if batch_norms(model) and self._sync_batch_norm(micro):
+            model, left = sync_batch_norms(model, self.device)
             self.model = self.task.model = model
+            if left:
+                log.warning("train.sync_bn: %d batch-norm layer(s) of a kind makd cannot synchronise on %s keep "
+                            "per-process statistics", left, self.device.type)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _sync_batch_norm(self, micro: int) -> bool:
+        """train.sync_bn: true, false, or auto (on when each process normalises fewer than 16 images)."""
+        setting = self.config.train.sync_bn
+        on = micro < SMALL_BATCH_NORM_BATCH if setting == "auto" else setting
+        if on:
+            how = "SyncBatchNorm" if self.device.type == "cuda" else "all-reduced batch statistics (no SyncBatchNorm kernel off GPUs)"
+            log.info("batch norm over the global batch: %s (train.sync_bn %s)", how, setting)
+        elif micro < SMALL_BATCH_NORM_BATCH:
+            log.warning("train.sync_bn is false: batch-norm statistics are per process, over %d images each", micro)
+        return bool(on)
 
     # -- artifacts -------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.run / "checkpoints" / "last.pt"
 
-    def save_checkpoint(self) -> None:
-        """Every process calls this (the partial epoch sums are combined); the main one writes."""
-        self.state.epoch_sums = self._global_sums(self.state.epoch_sums, partial=True)
+    def _write_checkpoint(self) -> None:
+        """The main process writes the training state (the epoch's sums already combined by `save_checkpoint`)."""
         if not self.dist.main:
             return
         lr = lr_at(self.config, max(0, self.state.global_step - 1), self.steps_per_epoch)
@@ -187,9 +223,11 @@ class Trainer:
         return True
 
     # -- training --------------------------------------------------------------------------------
-    def train_step(self, batch: Any, lr: float) -> tuple[dict[str, float], dict[str, float]]:
+    def train_step(self, batch: Any, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this process's share of the global batch, in `accumulation_steps` micro-batches.
-        Returns the weighted loss terms (batch means) and the task's counters (sums)."""
+        Returns, on the device (no host sync), the loss and the weighted loss terms (batch means) and the task's
+        counters (sums). A non-finite loss is GradScaler's to skip with fp16; otherwise `run_epoch` raises at its
+        next check."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,13 +247,13 @@ class Trainer:
             summed = torch.stack([counted[name].detach().float() for name in self.task.counter_names()]) \
                 if counted else torch.zeros(0)
             counters = summed if counters is None else counters + summed
-        numbers = torch.cat([totals.cpu(), counters.cpu()]).tolist()  # one host sync for every logged value
-        if not math.isfinite(numbers[0]):
-            raise MakdError(f"loss became {numbers[0]} at step {self.state.global_step}: lower optim.lr")
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        names = ["loss", *(f"loss_{name}" for name in parts)]
-        return dict(zip(names, numbers)), dict(zip(self.task.counter_names(), numbers[len(names):]))
+        return totals, counters.to(totals.device)
+
+    def step_values(self, totals: torch.Tensor, counters: torch.Tensor) -> dict[str, float]:
+        """What `train_step` returned, by name (loss, loss_<term>..., counters...), on the host."""
+        return dict(zip(self._sum_keys(), torch.cat([totals.double(), counters.double()]).tolist()))
 
     def _sum_keys(self) -> list[str]:
         return ["loss", *(f"loss_{name}" for name in self.task.loss_names()), *self.task.counter_names(), "count"]
@@ -228,34 +266,74 @@ class Trainer:
         total = dict(zip(keys, distributed.sum_across(self.dist, [sums.get(k, 0.0) for k in keys])))
         return total if (self.dist.main or not partial) else {}
 
+    def _start_sums(self) -> None:
+        """The device-side sums of the epoch continue from the state's (a resumed epoch's sums so far): float64, so
+        that they equal the sums one uninterrupted run adds up, in the same order, to the bit."""
+        keys = self._sum_keys()
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._running = torch.tensor([self.state.epoch_sums.get(k, 0.0) for k in keys], dtype=dtype, device=self.device)
+
+    def _add_step(self, totals: torch.Tensor, counters: torch.Tensor, n: int) -> None:
+        terms = totals.to(self._running.dtype) * n
+        if self.scaler.is_enabled():  # GradScaler skipped the step: its loss stays out of the epoch's mean
+            finite = torch.isfinite(totals[0])
+            terms = torch.where(finite, terms, 0.0)
+            self._skipped += (~finite).float()
+        self._running[:len(terms)] += terms
+        self._running[len(terms):-1] += counters.to(self._running.dtype)
+        self._running[-1] += n
+
+    def _checked(self, first_step: int) -> dict[str, float]:
+        """This process's sums of the epoch so far, on the host (a host sync). A non-finite loss in any process since
+        `first_step` stops every process here, at the same step (fp16 steps that GradScaler skipped are not summed)."""
+        sums = dict(zip(self._sum_keys(), self._running.tolist()))
+        loss = distributed.sum_across(self.dist, [sums["loss"]])[0]
+        if not math.isfinite(loss):
+            raise MakdError(f"loss became {loss} between steps {first_step} and {self.state.global_step}: lower optim.lr")
+        return sums
+
+    def save_checkpoint(self) -> None:
+        """Every process calls this (the partial epoch sums are combined); the main one writes."""
+        if self._running is not None:
+            self.state.epoch_sums = self._global_sums(self._checked(self._check_from), partial=True)
+            self._check_from = self.state.global_step
+            self._start_sums()
+        self._write_checkpoint()
+
     def run_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, Any]:
+        """One epoch. Nothing syncs the host with the device per step: the loss terms and counters add up on the
+        device, checked (finite) every CHECK_EVERY steps, at checkpoints and at the end."""
         cfg = self.config.train
         self.net.train()
-        sums = self.state.epoch_sums
+        self._start_sums()
+        self._skipped = torch.zeros((), device=self.device)  # fp16 steps with a non-finite loss
+        self._check_from = self.state.global_step
         t0, seen = time.perf_counter(), 0
         lr = lr_at(self.config, max(0, self.state.global_step - 1), self.steps_per_epoch)
         for step, batch in enumerate(self.task.batches(epoch, self.local_batch, self.state.step_in_epoch),
                                      start=self.state.step_in_epoch):
             lr = lr_at(self.config, self.state.global_step, self.steps_per_epoch)
-            values, counters = self.train_step(batch, lr)
+            totals, counters = self.train_step(batch, lr)
             n = self.task.batch_size(batch)
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            for k, v in counters.items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["count"] = sums.get("count", 0.0) + n
+            self._add_step(totals, counters, n)
             seen += n
             self.state.step_in_epoch = step + 1
             self.state.global_step += 1
             if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-                sums = self.state.epoch_sums
-            if bar is not None:
-                ips = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", ips=f"{ips:.0f}", refresh=False)
+            elif self.state.global_step % CHECK_EVERY == 0:
+                sums = self._checked(self._check_from)
+                self._check_from = self.state.global_step
+                if bar is not None:
+                    ips = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}", lr=f"{lr:.3g}", ips=f"{ips:.0f}")
         elapsed = time.perf_counter() - t0
         self.state.seconds += elapsed
-        sums = self._global_sums(sums)
+        sums = self._global_sums(self._checked(self._check_from))
+        skipped = int(distributed.sum_across(self.dist, [float(self._skipped)])[0])
+        if skipped:
+            log.warning("epoch %d: %d fp16 step(s) with a non-finite loss, skipped by the grad scaler", epoch + 1, skipped)
+        self._running = None
         seen = distributed.sum_across(self.dist, [float(seen)])[0]
         count = sums.pop("count")
         counted = {k: sums.pop(k) for k in self.task.counter_names()}
@@ -280,7 +358,7 @@ class Trainer:
             for epoch in range(self.state.epoch, cfg.epochs):
                 row = self.run_epoch(epoch, bar)
                 validates = self.task.validates() and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
-                if main and validates:
+                if validates:  # every process evaluates its share of the validation split
                     self._validate_into(row, epoch, bar)
                 self.task.end_epoch(row)
                 self.state.history.append(row)
@@ -292,26 +370,29 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
         runlog.close()
+        self.task.end_training()
+        if not self.task.validates():  # no validation images: the last checkpoint is the one used
+            self.state.best_epoch = self.state.epoch
         if main:
             self.task.export("last", self.state.epoch)
-            if not self.task.validates():  # no validation images: the last checkpoint is the one used
-                self.state.best_epoch = self.state.epoch
+            if not self.task.validates():
                 self.task.export("best", self.state.epoch)
-            results = self.task.finish(self.run, self.state)
+        distributed.barrier(self.dist)  # the files exist: every process tests its share of them
+        results = self.task.finish(self.run, self.state)
         distributed.barrier(self.dist)
-        if not main:
-            results = read_json(self.run / "results.json", "results")
         distributed.shutdown(self.dist)
         return results
 
     def _validate_into(self, row: dict[str, Any], epoch: int, bar: tqdm) -> None:
+        """Every process gets the same numbers (the task gathers its shards), so every state stays the same."""
         start = time.perf_counter()
         row.update(self.task.validate())
         self.state.seconds += time.perf_counter() - start
         metric = self.task.selection_metric
         if row[metric] > self.state.best_metric:
             self.state.best_metric, self.state.best_epoch = row[metric], epoch + 1
-            self.task.export("best", epoch + 1)
+            if self.dist.main:
+                self.task.export("best", epoch + 1)
         bar.set_postfix(val=f"{row[metric]:.1f}", best=f"{self.state.best_metric:.1f}", ips=f"{row['images_per_s']:.0f}")
 
     def _wandb(self) -> dict[str, Any] | None:

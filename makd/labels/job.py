@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
-from makd.data.base import per_class_sample
+from makd.data.base import loader_workers, per_class_sample
 from makd.errors import MakdError
 from makd.labels.inputs import shard_batches
 from makd.labels.leases import DEFAULT_TIMEOUT_S
@@ -121,7 +121,8 @@ def label_from_config(config: Config, *, rank: int | None = None, world_size: in
     return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
                        rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress,
                        lease_timeout=config.labels.lease_timeout, retry_skipped=retry_skipped,
-                       workers=config.data.num_workers)
+                       workers=loader_workers(config.data.num_workers, split.array is not None,
+                                              str(getattr(teacher, "device", "cpu")).split(":")[0]))
 
 
 def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out: str | Path, *,

@@ -96,7 +96,8 @@ def listed_split(folder: Path, key: str) -> ImageSplit | None:
 def listing_key(config: Config, samples: Callable[[Config], ImageSplit]) -> str:
     """What decides a config's sample list (settings that only change how images are read are left out)."""
     parts: dict[str, Any] = {
-        "data": config.data.model_dump(mode="json", exclude={"num_workers", "image_size", "augment", "crop_padding"}),
+        "data": config.data.model_dump(mode="json", exclude={"num_workers", "prefetch_factor", "channels", "image_size",
+                                                              "augment", "crop_padding"}),
         "splits": list(config.labels.splits), "max_per_class": config.labels.max_per_class, "task": config.task,
         "samples": f"{samples.__module__}.{samples.__qualname__}", "makd": makd.__version__,
     }

@@ -88,7 +88,7 @@ class StackedStudent(nn.Module):
         # Member k's images in channel block k. Contiguous (NCHW) on purpose: oneDNN's channels-last grouped
         # convolution gives wrong weight gradients for some groups of narrow layers (tests/test_seed_batch.py).
         wide = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
-        features = self.backbone((wide - self.mean) / self.std).view(b, k, -1).transpose(0, 1)  # [K, B, F]
+        features = self.backbone((wide - self.mean).div_(self.std)).view(b, k, -1).transpose(0, 1)  # [K, B, F]
         aspects = self.aspect_head(features) if self.aspect_head is not None else None
         return StudentOutput(self.class_head(features), aspects)
 

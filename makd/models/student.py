@@ -43,8 +43,10 @@ class Student(nn.Module):
                                 nn.Sequential(nn.Linear(num_features, num_features), nn.ReLU(), nn.Linear(num_features, num_aspects)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features of images in [0, 1]."""
-        return self.backbone((x - self.mean) / self.std)
+        """Pooled features of images in [0, 1]. (The division is in place, into the difference: one batch-sized
+        temporary instead of two — on a CPU with 224 px images that is a 38 MB page-faulted allocation less per batch
+        of 64, the same numbers.)"""
+        return self.backbone((x - self.mean).div_(self.std))
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
         feats = self.dropout(self.features(x))
