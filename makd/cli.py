@@ -160,6 +160,9 @@ def cmd_label(args: argparse.Namespace) -> int:
         return _label_with_workers(args, config, samples_of)
     info = from_env()  # torchrun, srun, or one process
     rank, world = args.shard or (info.rank, info.world_size)
+    if args.overwrite and world > 1:  # each process would discard what the others had already written
+        raise MakdError(f"--overwrite is for one process, not {world}: delete the store folder "
+                        f"({config.labels.path}) first to start over")
     store = label_from_config(config, rank=rank, world_size=world, overwrite=args.overwrite,
                               retry_skipped=args.retry_skipped, samples=samples_of)
     return _label_summary(config, store, samples_of)

@@ -200,7 +200,7 @@ class BridgeTeacher:
             prompt = PROMPTS[self.options.prompt]
             names, glosses = imagenet_classes()
             texts = [prompt.format(name=n, gloss=g) for n, g in zip(names, glosses)]
-            self._class_embeddings = embeddings.encode(texts, self.options.device, cached=True)
+            self._class_embeddings = embeddings.encode(texts, self.device, cached=True)
         return self._class_embeddings
 
     def encode(self, texts: list[str]) -> np.ndarray:
