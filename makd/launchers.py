@@ -64,6 +64,8 @@ class Dist:
 def from_env(env: Mapping[str, str] | None = None) -> Dist:
     """This process's rank, world size and local rank from its launcher's variables (see the module docstring)."""
     env = os.environ if env is None else env
+    if LOCAL_WORKER_VARIABLE in env:  # a worker of `executor: local` runs alone, whatever launched its parent
+        return Dist(0, 1, _int(env, LOCAL_WORKER_VARIABLE), launcher="local-worker")
     if "RANK" in env and "WORLD_SIZE" in env:
         return _checked(Dist(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0),
                              launcher="torchrun"), "RANK", "WORLD_SIZE")
@@ -83,7 +85,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Dist:
     if "SLURM_JOB_ID" in env and tasks.isdigit() and int(tasks) > 1:
         _warn_once(f"this Slurm job has {tasks} tasks (SLURM_NTASKS) but this process was not started by srun: it "
                    "runs alone; start it with `srun makd ...` to run one process per task")
-    return Dist(0, 1, _int(env, LOCAL_WORKER_VARIABLE, 0), launcher="local-worker" if LOCAL_WORKER_VARIABLE in env else "none")
+    return Dist()
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

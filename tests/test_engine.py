@@ -161,22 +161,26 @@ def test_evaluate_a_run_folder_reports_best_and_last(teacher_run):
 def test_a_non_finite_loss_stops_fp32_at_the_next_check_and_fp16_leaves_it_to_the_grad_scaler(tmp_path, monkeypatch, caplog):
     """Nothing reads the loss on the host per step: fp32 stops at the next check (here the epoch's end) with one line;
     with fp16 the grad scaler skips the step (and halves its scale), the epoch's loss leaves the step out."""
-    original, calls = ClassificationTask.loss, {"n": 0}
+    original, calls, kept = ClassificationTask.loss, {"n": 0}, []
 
     def poisoned(self, net, batch, epoch):
         total, parts, counted = original(self, net, batch, epoch)
         calls["n"] += 1
+        if calls["n"] != 2:
+            kept.append((float(total), len(batch)))
         return (total * float("nan") if calls["n"] == 2 else total), parts, counted
 
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)
     common = TINY + ["loss.aspect_bce.weight=0", "train.epochs=1"]
     with pytest.raises(MakdError, match=r"^loss became nan between steps 0 and 5: lower optim.lr$"):
         train(load_config(overrides=common + [f"out={tmp_path / 'fp32'}"]))
-    calls["n"] = 0
+    calls["n"], kept[:] = 0, []
     train(load_config(overrides=common + [f"out={tmp_path / 'fp16'}", "train.amp=fp16"]))
     assert "epoch 1: 1 fp16 step(s) with a non-finite loss, skipped by the grad scaler" in caplog.text
     row = next(csv.DictReader((tmp_path / "fp16" / "metrics.csv").open()))
-    assert np.isfinite(float(row["loss"])) and float(row["loss"]) > 0
+    # The epoch's loss is the mean over the images of the steps that were taken: the skipped one counts nowhere.
+    assert len(kept) == calls["n"] - 1 >= 2
+    assert float(row["loss"]) == pytest.approx(sum(v * n for v, n in kept) / sum(n for _, n in kept), rel=1e-4)
     scale = torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"]
     assert scale == 2.0**15  # 2**16 at the start, halved once by the skipped step
 

@@ -53,6 +53,10 @@ def test_torchrun_wins_over_slurm_and_a_batch_script_without_srun_runs_alone(cap
         alone = from_env(batch)
     assert (alone.rank, alone.world_size) == (0, 1) and "not started by srun" in caplog.text
     assert from_env({}) == Dist() and from_env({"MAKD_LOCAL_RANK": "3"}).local_rank == 3
+    # A worker of makd's local pool runs alone on its own device, even when its parent was an srun or torchrun task.
+    for parent in (SRUN, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}):
+        worker = from_env({**parent, "MAKD_LOCAL_RANK": "3"})
+        assert (worker.rank, worker.world_size, worker.local_rank, worker.launcher) == (0, 1, 3, "local-worker")
     with pytest.raises(MakdError, match="RANK='x': expected a whole number"):
         from_env({"RANK": "x", "WORLD_SIZE": "2"})
 

@@ -33,7 +33,7 @@ from makd.detection.pipeline import (
     load_tensor,
     orientation_groups,
 )
-from makd.engine.classification import lookup_flags, open_aspect_labels, target_order
+from makd.engine.classification import open_aspect_labels, target_order
 from makd.engine.distributed import Dist
 from makd.engine.seeding import derive_seed, seed_step
 from makd.engine.tasks import TASKS, Task
@@ -76,7 +76,7 @@ def load_box_targets(config: Config, train: DetectionSplit, keep_bounded: bool =
     if not len(positions):
         raise MakdError(f"label store {store.path} has no row for any training box (sample ids <image id>/<annotation "
                         "id>): label the train split with `makd label`")
-    flags = None if keep_bounded else lookup_flags(store, [ids[p] for p in positions])
+    flags = None if keep_bounded else store.lookup_flags([ids[p] for p in positions])
     logodds, mass = np.asarray(logodds), np.asarray(mass)
     order = target_order(np.concatenate(train.labels)[positions], config.labels.permute, config.train.seed)
     if order is not None:

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -61,23 +59,13 @@ def open_aspect_labels(config: Config, class_names: list[str]) -> tuple[Question
 def load_aspect_targets(config: Config, train: ImageSplit) -> AspectTargets:
     questions, store = open_aspect_labels(config, train.class_names)
     logodds, mass = store.lookup(train.sample_ids)
-    flags = lookup_flags(store, train.sample_ids)
+    flags = store.lookup_flags(train.sample_ids)
     order = target_order(train.targets, config.labels.permute, config.train.seed)
     if order is not None:
         logodds, mass = logodds[order], mass[order]
         flags = None if flags is None else flags[order]
     return AspectTargets(questions, store, _shared_tensor(logodds), _shared_tensor(mass),
                          None if flags is None else torch.from_numpy(flags))
-
-
-def lookup_flags(store: LabelStore, sample_ids: list[str]) -> np.ndarray | None:
-    """The store's per-pair flags of `sample_ids`, in that order (None when its teacher writes none)."""
-    flags = store.read_flags()
-    if flags is None:
-        return None
-    stored, _, _ = store.read()
-    rows = pc.index_in(pa.array(sample_ids, pa.string()), value_set=pa.array(stored, pa.string()))
-    return np.ascontiguousarray(flags[rows.to_numpy(zero_copy_only=False).astype(np.int64)])
 
 
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from makd.launchers import Dist, from_env, process_device
 
-__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown", "gather_objects"]
+__all__ = ["Dist", "from_env", "init", "barrier", "sum_across", "shutdown", "gather_objects", "broadcast_buffers"]
 
 DEFAULT_TIMEOUT_MIN = 60.0
 log = logging.getLogger("makd.train")
@@ -74,3 +74,12 @@ def gather_objects(info: Dist, value: object) -> list[object]:
     dist.all_gather_object(gathered, value)
     return gathered
 
+
+
+def broadcast_buffers(info: Dist, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every process. DDP copies them only at the start of a
+    training forward, so after an epoch's last step each process holds statistics its own batch moved: validating
+    then would score N different models, none of them the one rank 0 exports."""
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)

@@ -46,9 +46,12 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         return
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    precision = "ieee" if deterministic else "tf32"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the precision API
+        precision = "ieee" if deterministic else "tf32"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # torch 2.4-2.8 (pyproject allows them)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,6 +210,10 @@ class Trainer:
         if changed:
             raise MakdError(f"{self.checkpoint_path} was written with another {changed[0]}; "
                             f"use a new `out` folder, or --resume never to start over")
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            log.warning("warning: %s was written by %d process(es), resumed with %d: the same global batches, with "
+                        "other per-process draws (not bit-identical to an uninterrupted run)", self.checkpoint_path,
+                        ckpt.get("world_size", 1), self.dist.world_size)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -274,14 +281,15 @@ class Trainer:
         self._running = torch.tensor([self.state.epoch_sums.get(k, 0.0) for k in keys], dtype=dtype, device=self.device)
 
     def _add_step(self, totals: torch.Tensor, counters: torch.Tensor, n: int) -> None:
-        terms = totals.to(self._running.dtype) * n
-        if self.scaler.is_enabled():  # GradScaler skipped the step: its loss stays out of the epoch's mean
+        terms, counts = totals.to(self._running.dtype) * n, counters.to(self._running.dtype)
+        seen = torch.tensor(float(n), dtype=self._running.dtype, device=self._running.device)
+        if self.scaler.is_enabled():  # GradScaler skipped the step: it stays out of the epoch's means altogether
             finite = torch.isfinite(totals[0])
-            terms = torch.where(finite, terms, 0.0)
+            terms, counts, seen = (torch.where(finite, t, 0.0) for t in (terms, counts, seen))
             self._skipped += (~finite).float()
         self._running[:len(terms)] += terms
-        self._running[len(terms):-1] += counters.to(self._running.dtype)
-        self._running[-1] += n
+        self._running[len(terms):-1] += counts
+        self._running[-1] += seen
 
     def _checked(self, first_step: int) -> dict[str, float]:
         """This process's sums of the epoch so far, on the host (a host sync). A non-finite loss in any process since
@@ -386,6 +394,7 @@ class Trainer:
     def _validate_into(self, row: dict[str, Any], epoch: int, bar: tqdm) -> None:
         """Every process gets the same numbers (the task gathers its shards), so every state stays the same."""
         start = time.perf_counter()
+        distributed.broadcast_buffers(self.dist, self.model)
         row.update(self.task.validate())
         self.state.seconds += time.perf_counter() - start
         metric = self.task.selection_metric

@@ -596,10 +596,24 @@ class LabelStore:
         rows, logodds, mass = self._rows(sample_ids)
         if rows is None:
             return logodds, mass
+        self._require_rows(rows, sample_ids)
+        return _read_only(logodds[rows]), _read_only(mass[rows])
+
+    def lookup_flags(self, sample_ids: Sequence[str]) -> np.ndarray | None:
+        """[len(sample_ids), Q] uint8 flags in that order (a writable copy), or None for a teacher that writes none."""
+        table = self.consolidate()
+        if "flags" not in table.column_names:
+            return None
+        rows, flags = self._rows(sample_ids)[0], self._matrix(table, "flags")
+        if rows is None:
+            return np.array(flags)
+        self._require_rows(rows, sample_ids)
+        return flags[rows]
+
+    def _require_rows(self, rows: np.ndarray, sample_ids: Sequence[str]) -> None:
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             raise MakdError(self._no_row_message([sample_ids[i] for i in missing], len(sample_ids)))
-        return _read_only(logodds[rows]), _read_only(mass[rows])
 
     def _no_row_message(self, missing: list[str], total: int) -> str:
         """Why samples have no row: skipped when labelled (which, and why), or never labelled."""

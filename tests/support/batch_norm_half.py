@@ -1,5 +1,6 @@
 """A process of tests/test_distributed.py's batch-norm check, in a module light to import (spawned children import
-it): half of a batch through makd's all-reduce batch norm, forward and backward, on a 2-process gloo group."""
+it): half of a batch through makd's all-reduce batch norm, forward and backward, on a 2-process gloo group; then
+a per-process batch norm under DDP, whose running statistics rank 0 broadcasts before validation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from makd.engine.batch_norm import sync_batch_norms
+from makd.engine.distributed import Dist, broadcast_buffers
 
 
 def batch_norm_case() -> tuple[torch.Tensor, torch.nn.BatchNorm2d, torch.Tensor]:
@@ -24,7 +26,8 @@ def batch_norm_case() -> tuple[torch.Tensor, torch.nn.BatchNorm2d, torch.Tensor]
 
 def batch_norm_half(rank: int, port: int, results: Any) -> None:
     """Process `rank` of 2 takes images rank, rank + 2, ...; puts (rank, layers left per process, output, input
-    gradient, weight gradient, bias gradient, running variance) as arrays on `results`."""
+    gradient, weight gradient, bias gradient, running variance, then of a per-process batch norm under DDP: its
+    running variance after a training forward, and after `broadcast_buffers`) as arrays on `results`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     x, norm, upstream = batch_norm_case()
@@ -33,6 +36,11 @@ def batch_norm_half(rank: int, port: int, results: Any) -> None:
     out = model(part)
     (out * upstream[rank::2]).sum().backward()
     layer = model[0]
+    alone = torch.nn.parallel.DistributedDataParallel(batch_norm_case()[1])  # statistics per process
+    alone(x[rank::2])
+    moved = alone.module.running_var.clone()
+    broadcast_buffers(Dist(rank=rank, world_size=2), alone.module)
     results.put((rank, left, *(t.detach().numpy().copy() for t in (out, part.grad, layer.weight.grad, layer.bias.grad,
-                                                                   layer.running_var))))
+                                                                   layer.running_var, moved,
+                                                                   alone.module.running_var))))
     torch.distributed.destroy_process_group()
