@@ -57,7 +57,7 @@ lock: setup
 data:
 	@scripts/ensure-fashion-mnist.sh
 
-bench: setup data
+bench: check data
 	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:

@@ -158,6 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gpu_diff = gpu_check(args.device, tmp / "checked") if args.device.startswith("cuda") else None
+        if gpu_diff is not None and gpu_diff > GPU_TOLERANCE:  # before spending minutes on the benchmark
+            sys.exit(f"the teacher on {args.device} differs from the CPU by {gpu_diff:.2e} (> {GPU_TOLERANCE})")
         text = {**LANGUAGE_MODELS[args.model], **({"num_hidden_layers": args.layers} if args.layers else {})}
         model, processor = build_random_vlm("idefics3", text=text, vision=VISION if args.model == "smollm2" else
                                             TINY_VISION, image=args.tile, std=0.02)
@@ -210,8 +212,6 @@ def main() -> None:
           f"for inputs, writing shards), without workers {(times['without_workers'] - scoring[0]) / n * 1000:.1f} ms")
     print(f"stored targets vs the forward on prepared inputs: max |log-odds difference| {same:.1e}; teacher counters "
           f"{counters}")
-    if gpu_diff is not None and gpu_diff > GPU_TOLERANCE:
-        sys.exit(f"the teacher on {args.device} differs from the CPU by {gpu_diff:.2e} (> {GPU_TOLERANCE})")
     last = (f"pipeline_vs_forward={times['forward'] / times['pipeline']:.2f} "
             f"pipeline_without_workers_vs_forward={times['forward'] / times['without_workers']:.2f}")
     print(last + (f" gpu_vs_cpu_max_diff={gpu_diff:.1e}" if gpu_diff is not None else ""))

@@ -13,8 +13,9 @@ Arms, alternating round by round so that load on a shared machine hits them alik
   store's `shard_size` is chosen so that a shard holds as many slot-latencies of work as the default 512-image
   shard does on a 256-slot vLLM server with 50 questions (`shard_size x questions / slots` = 100), so that
   whatever happens between shards weighs what it would at the defaults;
-- `bare`: the best a client can do: one asyncio + httpx client over all the images at once (no batches), a window
-  of exactly the server's slots, each image's data URL encoded once, and each image's first question alone
+- `bare`: the best a client can do: one asyncio + httpx client over all the images at once (no batches), the
+  same window as makd's (the teacher's default `concurrency`, deeper than the server's slots, so requests queue in
+  the server instead of each slot idling for a round trip), each image's data URL encoded once, and each image's first question alone
   before its others (all of them then prefix-cache hits); its connections spread over httpx clients of
   CONNECTIONS_PER_CLIENT as makd's are (one httpx pool of a few dozen connections costs several times the CPU
   per request, makd/clients/openai_chat.py), so that neither is measured against httpx's pool;
@@ -34,8 +35,7 @@ Definitions:
   URLs every request must carry the image (a chat completion is stateless), so any client sends ~Q x 1.34 JPEGs
   per image (base64 is 4/3 of the bytes); only a server that reads the files itself gets below one JPEG.
 The server's ceiling is every slot always busy with the least work possible (one miss per image): slots /
-(((Q - 1) x latency + miss latency) / Q) requests/s. The bare client's window, exactly the slots, leaves each slot
-idle for a round trip between an answer and the next request; makd's deeper window queues them in the server.
+(((Q - 1) x latency + miss latency) / Q) requests/s.
 Last line: `requests_per_s_vs_bare=<x> upload_bytes_per_image_vs_jpeg=<y>`, x the lower of the two transports'
 ratios, y for `file_url` (the transport that can meet the goal of y <= 1.2), followed by data_url's y, makd's
 prefix-cache hit rate and its requests/s over the ceiling (the lower transport).
@@ -60,13 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _history import package_at, python_at  # noqa: E402
 from support.openai_server import ServerProcess, digest  # noqa: E402
 
-from makd.clients.openai_chat import CONNECTIONS_PER_CLIENT  # noqa: E402
+from makd.clients.openai_chat import CONNECTIONS_PER_CLIENT, ServerConnection  # noqa: E402
 from makd.data.base import file_split  # noqa: E402
 from makd.labels import label_split  # noqa: E402
 from makd.labels.store import software_versions  # noqa: E402
 from makd.questions import QuestionSet  # noqa: E402
 from makd.teachers import build_teacher  # noqa: E402
 
+WINDOW = ServerConnection.model_fields["concurrency"].default  # makd's window per server, given to bare too
 ISSUE_COMMIT = "afcd89f"  # makd when issue 19 was filed: "concurrency defaults to 8 ... a base64 PNG per request"
 QUESTIONS = 50
 SHARD_WORK = 100  # shard_size x questions / slots of the defaults: 512 x 50 / 256
@@ -226,13 +227,13 @@ def main() -> None:
     software_versions()  # its imports (torch) once, as `makd label` has them before its first shard
     counter = 0
     for round_ in range(args.rounds):
-        for transport in ("data_url", "file_url") if round_ == 0 else ("data_url",):
+        for transport in ("data_url", "file_url"):
             for name in ("makd", "bare") if round_ % 2 == 0 else ("bare", "makd"):
                 counter += 1
                 with ServerProcess(None, work, *server_args, name=f"server{counter}") as stub:
                     cpu = time.process_time()
                     if name == "bare":
-                        seconds = bare_client(stub.base_url, urls[transport], questions, args.slots)
+                        seconds = bare_client(stub.base_url, urls[transport], questions, WINDOW)
                     else:
                         teacher = build_teacher({"name": "openai", "base_url": stub.base_url, "model": "tiny",
                                                  "api_key_env": None, "image_transport": transport})

@@ -88,6 +88,18 @@ def from_env(env: Mapping[str, str] | None = None) -> Dist:
     return Dist()
 
 
+def processes_on_node(env: Mapping[str, str] | None = None) -> int:
+    """How many of the run's processes share this node, from the launcher's variables: torchrun's LOCAL_WORLD_SIZE,
+    srun's SLURM_NTASKS_PER_NODE ("4", or "4(x2),2" on uneven nodes: the first), submitit's local
+    SUBMITIT_LOCAL_NTASKS; 1 otherwise."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SUBMITIT_LOCAL_NTASKS"):
+        count = re.match(r"\d+", env.get(name, ""))
+        if count:
+            return max(1, int(count.group()))
+    return 1
+
+
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = env.get(name)
     if value is None and default is not None:

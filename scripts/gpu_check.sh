@@ -11,11 +11,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${GPU_CHECK_LOG:-/tmp/makd-gpu-check.log}
-PY=.venv/bin/python
-
-make -s setup data >/dev/null || { echo "gpu_check: FAIL setup (make setup data)"; exit 1; }
+# GPU_CHECK_PYTHON: an environment that already has makd and its test extra (the test suite's); otherwise the
+# repository's .venv, made or brought up to the lock by `make setup data` (the locked wheels, Fashion-MNIST).
+PY=${GPU_CHECK_PYTHON:-.venv/bin/python}
+if [ -z "${GPU_CHECK_PYTHON:-}" ]; then
+    make -s setup data >/dev/null || { echo "gpu_check: FAIL setup (make setup data)"; exit 1; }
+fi
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_check: no CUDA GPU on this machine (torch $($PY -c 'import torch; print(torch.__version__)') sees none): nothing to check"
+    torch_version=$($PY -c 'import torch; print(torch.__version__, "built for CUDA", torch.version.cuda)')
+    if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then  # a GPU that this torch cannot use
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        echo "gpu_check: FAIL a GPU is present (driver ${driver:-unknown}) but torch $torch_version cannot use it: update the NVIDIA driver or CUDA_VISIBLE_DEVICES"
+        exit 1
+    fi
+    echo "gpu_check: no CUDA GPU on this machine (torch $torch_version sees none): nothing to check"
     exit 0
 fi
 $PY -c "import torch; p = torch.cuda.get_device_properties(0); print(f'gpu_check: {torch.cuda.device_count()} GPU(s), {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}')"
@@ -59,7 +68,9 @@ labels: {path: $WORK/labels, splits: [train, test], shard_size: 64}
 model: {name: resnet8, width: 16}
 train: {epochs: 2, batch_size: 64, eval_every: 1, progress: false, tensorboard: false}
 EOF
-TORCHRUN=(.venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=1 -m makd)
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1 -m makd"
+# Labels for the launcher checks, made by the first check that needs them (torchrun-label, or torchrun-train alone).
+LABEL="$TORCHRUN label -c $WORK/tiny.yaml > $WORK/label.log 2>&1; status=\$?; cat $WORK/label.log; [ \$status = 0 ]"
 
 # Training: bf16 and fp16 autocast steps (finite, the loss falls), channels-last, torch.compile against eager.
 check train-bf16 300 $PY scripts/gpu_train_checks.py amp-bf16
@@ -68,8 +79,8 @@ check train-channels-last 300 $PY scripts/gpu_train_checks.py channels-last
 check train-compile 420 $PY scripts/gpu_train_checks.py compile
 check detection-step 300 $PY scripts/gpu_train_checks.py detection
 # torchrun with LOCAL_RANK: labelling and training take cuda:0 (the log line names the device each process took).
-check torchrun-label 300 bash -c "${TORCHRUN[*]} label -c $WORK/tiny.yaml 2>&1 | tee /dev/stderr | grep -q 'device: cuda:0 for process 0 of 1' && ${TORCHRUN[*]} labels check $WORK/labels | tail -n 1"
-check torchrun-train 300 bash -c "${TORCHRUN[*]} train -c $WORK/tiny.yaml && $PY -c \"import json; r = json.load(open('$WORK/run/results.json')); print('test top-1', r['test_top1_last'])\""
+check torchrun-label 300 bash -c "$LABEL && grep -q 'device: cuda:0 for process 0 of 1' $WORK/label.log && $TORCHRUN labels check $WORK/labels"
+check torchrun-train 300 bash -c "{ [ -f $WORK/labels/labels.json ] || { $LABEL; }; } && $TORCHRUN train -c $WORK/tiny.yaml && $PY -c \"import json; r = json.load(open('$WORK/run/results.json')); print('test top-1', r['test_top1_last'])\""
 # The hf teacher on CUDA equal to the CPU reference (tiny VLMs of 3 architectures), then its images/s.
 check hf-teacher-cuda 480 $PY benchmarks/label_pipeline.py --device cuda --workers 4 --rounds 1
 # Stacked seeds (executor.batch_seeds) against separate runs: runs per hour.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,15 +58,19 @@ def check_compile(device: str, steps: int = 30) -> str:
     x = torch.randn(64, 1, 28, 28, device=dev)
     y = torch.randint(0, 10, (64,), device=dev)
 
-    def seconds_per_step(model: torch.nn.Module) -> float:
+    def seconds_per_step(model: torch.nn.Module) -> tuple[float, float]:
+        """(seconds per step, the first step's loss)."""
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
-        def step() -> None:
+        def step() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x).class_logits, y).backward()
+            loss = torch.nn.functional.cross_entropy(model(x).class_logits, y)
+            loss.backward()
             optimizer.step()
+            return loss.detach()
 
-        for _ in range(5):  # warm-up (compilation happens here)
+        first = float(step())
+        for _ in range(4):  # warm-up (compilation happens in the first step)
             step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -73,13 +79,17 @@ def check_compile(device: str, steps: int = 30) -> str:
             step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, first
 
+    if dev.type == "cuda" and not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        return "compile: FAILED no C compiler: torch.compile's Triton builds its launcher (apt-get install gcc python3-dev)"
     torch.manual_seed(0)
-    eager = seconds_per_step(build_student(config.model, 1, 10, 0, (0.5,), (0.25,)).to(dev))
+    eager, eager_loss = seconds_per_step(build_student(config.model, 1, 10, 0, (0.5,), (0.25,)).to(dev))
     torch.manual_seed(0)
-    compiled = seconds_per_step(torch.compile(build_student(config.model, 1, 10, 0, (0.5,), (0.25,)).to(dev)))
-    return f"compile: ok eager {eager * 1e3:.2f} ms/step, compiled {compiled * 1e3:.2f} ms/step, speed-up {eager / compiled:.2f}x"
+    compiled, compiled_loss = seconds_per_step(torch.compile(build_student(config.model, 1, 10, 0, (0.5,), (0.25,)).to(dev)))
+    same = abs(eager_loss - compiled_loss) <= 1e-3 * max(1.0, abs(eager_loss))  # the same weights and inputs
+    return (f"compile: {'ok' if same else 'FAILED'} first loss eager {eager_loss:.5f}, compiled {compiled_loss:.5f}; "
+            f"eager {eager * 1e3:.2f} ms/step, compiled {compiled * 1e3:.2f} ms/step, speed-up {eager / compiled:.2f}x")
 
 
 def check_detection(device: str) -> str:

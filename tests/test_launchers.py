@@ -129,3 +129,17 @@ def test_srun_tasks_train_one_ddp_run(tmp_path):
     assert "test top-1" in outputs[0][0] and "test top-1" not in outputs[1][0]
     checkpoint = torch.load(Path(tmp_path / "run" / "checkpoints" / "last.pt"), weights_only=True)
     assert checkpoint["world_size"] == 2 and checkpoint["state"]["global_step"] == 3  # ceil(10 / 2 / 4) steps
+
+
+def test_loader_cores_are_the_bound_share_or_the_nodes_cores_over_its_processes(monkeypatch):
+    from makd.data import base
+
+    monkeypatch.setattr(base.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(base.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun does not bind: 4 processes share the node's 32 cores
+    assert base.cores_per_process() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")  # srun without task affinity
+    assert base.cores_per_process() == 4
+    monkeypatch.setattr(base.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)  # Slurm bound 6 cores
+    assert base.cores_per_process() == 6

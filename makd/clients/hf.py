@@ -19,7 +19,7 @@ import pydantic
 
 from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError
-from makd.launchers import device_for_process, from_env
+from makd.launchers import device_for_process, from_env, processes_on_node
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what a hub model id looks like (a path with more parts does not)
@@ -81,15 +81,10 @@ def gpu_group(local_rank: int, local_processes: int, gpus: int, own: bool = Fals
 
 
 def node_layout(gpus: int, env: Mapping[str, str] | None = None) -> tuple[int, int, bool]:
-    """(processes on this node, GPUs this process sees, whether they are its own) from the launcher's variables:
-    torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE ("4", or "4(x2),2" on uneven nodes: the first) and
-    SLURM_GPUS_PER_TASK (GPUs bound to each task), submitit's local SUBMITIT_LOCAL_NTASKS; one process otherwise."""
+    """(processes on this node, GPUs this process sees, whether they are its own: srun's SLURM_GPUS_PER_TASK binds
+    GPUs to each task)."""
     env = os.environ if env is None else env
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SUBMITIT_LOCAL_NTASKS"):
-        count = re.match(r"\d+", env.get(name, ""))
-        if count:
-            return int(count.group()), gpus, bool(env.get("SLURM_GPUS_PER_TASK"))
-    return 1, gpus, False
+    return processes_on_node(env), gpus, bool(env.get("SLURM_GPUS_PER_TASK"))
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from makd.errors import MakdError
+from makd.launchers import processes_on_node
 
 log = logging.getLogger("makd.data")
 # Image files a server decodes to the pixels makd's loader gives (JPEG/PNG/WebP in RGB or grey): sent as they are.
@@ -233,9 +234,11 @@ def loader_workers(setting: int | str, in_memory: bool, device_type: str) -> int
 
 
 def cores_per_process() -> int:
-    """The CPU cores this process may use (its affinity mask) over the processes torchrun started on its node."""
+    """The CPU cores this process may use: its affinity mask when a launcher bound it to its share (Slurm's task
+    affinity), else the node's cores over the run's processes on the node (torchrun, srun without binding)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+    bound = cores < (os.cpu_count() or cores)
+    return max(1, cores if bound else cores // processes_on_node())
