@@ -28,7 +28,20 @@ from typing import Any
 from makd.errors import MakdError, OutputError, os_error_message
 
 STALE_AFTER_S = 3600  # no write for an hour: no live writer (they write continuously)
-HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_namespace() -> str:
+    """What makes pids comparable: the host name, this boot, and the pid namespace (containers that share a host name,
+    e.g. with host networking, do not see each other's processes: their pids must not be judged from here)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return "\n".join(parts)
+
+
+HOST = hashlib.sha256(_process_namespace().encode()).hexdigest()[:8]  # "this machine" for pids in file names and leases
 TEMPORARY = re.compile(r"^\..+\.tmp$")
 WRITER = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
 

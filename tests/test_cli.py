@@ -158,7 +158,7 @@ def one_line_error(proc: Ran | subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_bad_inputs_give_one_line_errors(project, tmp_path, tiny_imagefolder):
+def test_bad_inputs_give_one_line_errors(project, trained, tmp_path, tiny_imagefolder):
     # What a shell sees: exit status 2 and one line on stderr (the other cases run in this process, through the same main).
     err = one_line_error(makd_process("train", "-c", "config.yaml", "data.root=/nonexistent/data", cwd=project, check=False))
     assert "/nonexistent/data" in err
@@ -182,6 +182,9 @@ def test_bad_inputs_give_one_line_errors(project, tmp_path, tiny_imagefolder):
     assert "has no row in label store" in err and "'train/" in err
     err = one_line_error(makd("predict", "-m", str(tmp_path / "none.safetensors"), "x.png", cwd=project, check=False))
     assert "model file not found" in err
+    # --overwrite with several label processes: each would discard the shards the others had written.
+    err = one_line_error(makd("label", "-c", "config.yaml", "--overwrite", "--shard", "0/2", cwd=project, check=False))
+    assert "--overwrite is for one process, not 2" in err
 
 
 def test_corrupt_image_while_labelling(project, tmp_path, tiny_imagefolder):

@@ -63,7 +63,9 @@ def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
     if device_map != "auto" or not torch.cuda.is_available():
         return {"device_map": device_map}
     gpus = gpu_group(from_env().local_rank, *node_layout(torch.cuda.device_count()))
-    memory = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+    # What is free now (other processes, this one's CUDA context) with 10 % left for activations: given a max_memory,
+    # accelerate keeps no margin of its own.
+    memory = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in gpus}
     return {"device_map": "auto", "max_memory": memory}
 
 

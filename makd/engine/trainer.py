@@ -207,6 +207,8 @@ class Trainer:
         if ckpt is None:
             return False
         changed = config_changes(to_dict(load_config(base=ckpt["config"])), to_dict(self.config))
+        if self.dist.world_size == ckpt.get("world_size", 1) == 1:  # one process synchronises nothing (the default
+            changed = [key for key in changed if key != "train.sync_bn"]  # was false before `auto`)
         if changed:
             raise MakdError(f"{self.checkpoint_path} was written with another {changed[0]}; "
                             f"use a new `out` folder, or --resume never to start over")
