@@ -14,7 +14,9 @@ A lease is expired when its heartbeat is older than its timeout by the reader's 
 well within the timeout, as NTP keeps them), or at once when its holder ran on this host and that process is gone.
 Any worker may then take attempt + 1: as only one link of `<name>.<attempt + 1>.lease` succeeds, two workers that
 reclaim the same lease cannot both get it. The highest attempt is the lease; the one who takes over removes the
-lower ones. A holder that was superseded (paused past its timeout) sees it at its next heartbeat (`Lease.lost`).
+lower ones, so a worker that listed the folder before a takeover may find a lower attempt free again: it lists
+the folder again after linking, and gives its claim up if a higher attempt is there. A holder that was superseded
+(paused past its timeout) sees it at its next heartbeat (`Lease.lost`).
 
 Leases only avoid duplicate work; they are not what keeps a store correct: every shard is written whole under a
 temporary name and renamed, so two workers that did score the same shard leave one complete copy of it.
@@ -42,6 +44,7 @@ LEASE_DIR = "leases"  # a label store's lease files: one per shard being scored,
 SUFFIX = ".lease"
 LEASE_FILE = re.compile(r"^(?P<name>[^.].*)\.(?P<attempt>\d+)\.lease$")
 DEFAULT_TIMEOUT_S = 300.0
+RESCANS = 5  # listings of a folder whose lease files keep vanishing while read, before the vanished count as free
 Item = TypeVar("Item")
 
 
@@ -152,7 +155,22 @@ class LeaseBoard:
         return tmp
 
     def holders(self) -> dict[str, Holder]:
-        """The current lease of every name that has one (its highest attempt)."""
+        """The current lease of every name that has one (its highest attempt). A file that vanishes between the
+        listing and its reading was released, or taken over (attempt + 1 linked before it was removed): the
+        folder is listed again, as taking it for free would let this worker claim a lease another just took."""
+        for _ in range(RESCANS):
+            found, vanished = {}, False
+            for name, attempt in self._highest_attempts().items():
+                holder = self._read(name, attempt)
+                vanished |= holder is None
+                if holder is not None:
+                    found[name] = holder
+            if not vanished:
+                break
+        return found  # still vanishing (a busy folder): try_claim's check after linking catches a takeover
+
+    def _highest_attempts(self) -> dict[str, int]:
+        """The highest attempt of each name among the folder's lease files."""
         try:
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
@@ -163,19 +181,15 @@ class LeaseBoard:
             if match:
                 name, attempt = match["name"], int(match["attempt"])
                 highest[name] = max(attempt, highest.get(name, -1))
-        found = {}
-        for name, attempt in highest.items():
-            holder = self._read(name, attempt)
-            if holder is not None:
-                found[name] = holder
-        return found
+        return highest
 
     def _read(self, name: str, attempt: int) -> Holder | None:
+        """The lease file's holder; None if the file is gone."""
         path = self.path_of(name, attempt)
         try:
             text = path.read_text(encoding="utf-8")
             mtime = path.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile
+        except FileNotFoundError:  # released or taken over meanwhile
             return None
         try:
             fields = json.loads(text)
@@ -198,21 +212,32 @@ class LeaseBoard:
         except OSError as exc:  # a read-only store, a full disk: one line naming the lease
             raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         try:
-            os.link(tmp, target)
-        except OSError as exc:
-            # NFS: a link whose reply was lost may be retried and fail, yet have succeeded: it did iff the count is 2
-            # (open(2), O_EXCL). Otherwise EEXIST means another worker got this attempt first.
-            if os.stat(tmp).st_nlink != 2:
-                if isinstance(exc, FileExistsError):
-                    return None
-                raise
+            if not self._link(tmp, target):
+                return None
         finally:
             tmp.unlink(missing_ok=True)
+        if self._highest_attempts().get(name, attempt) > attempt:  # taken over since our listing (module docstring)
+            target.unlink(missing_ok=True)
+            return None
         if current is not None:
             log.info("%s: took over from %s (last heartbeat %.0f s ago)", name, current.worker, now - current.heartbeat)
             for old in range(attempt):
                 self.path_of(name, old).unlink(missing_ok=True)
         return Lease(self, holder)
+
+    def _link(self, tmp: Path, target: Path) -> bool:
+        """Give `target` the lease file `tmp`: True if this worker got it, False if another worker has it."""
+        try:
+            os.link(tmp, target)
+        except OSError as exc:
+            # NFS: a link whose reply was lost may be retried and fail, yet have succeeded: it did iff the count is 2
+            # (open(2), O_EXCL). Otherwise EEXIST means another worker got this attempt first.
+            if os.stat(tmp).st_nlink == 2:
+                return True
+            if isinstance(exc, FileExistsError):
+                return False
+            raise
+        return True
 
     def remove_leftovers(self) -> None:
         """Temporary files of killed workers (their leases themselves expire)."""
