@@ -3,6 +3,7 @@ share one store without scoring a shard twice, and a killed worker's shard is fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -160,6 +161,24 @@ def test_a_claim_linked_after_a_takeover_it_did_not_see_is_given_up(tmp_path, mo
     assert taken[0] is not None and taken[0].holder.attempt == 1
     assert [p.name for p in tmp_path.iterdir()] == ["shard-00000.1.lease"]  # C's attempt 0 is gone
     taken[0].release()
+
+
+def test_claims_exclude_each_other_where_hard_links_fail(tmp_path, monkeypatch):
+    """gcsfuse, s3fs, SMB: link() fails with EPERM; leases are then created exclusively (O_EXCL)."""
+    def no_hard_links(src, dst):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    a, b = LeaseBoard(tmp_path, "a", timeout=30), LeaseBoard(tmp_path, "b", timeout=30)
+    lease = a.try_claim("shard-00000")
+    assert lease is not None and b.try_claim("shard-00000") is None
+    assert b.holders()["shard-00000"].worker == "a" and not b.holders()["shard-00000"].expired()
+    monkeypatch.setattr(b, "holders", lambda: {})  # B listed the folder before A claimed: the creation refuses it
+    assert b.try_claim("shard-00000") is None
+    lease.release()
+    assert not list(tmp_path.iterdir())  # no lease, no temporary file left
+    with b.try_claim("shard-00000") as again:
+        assert again is not None and a.try_claim("shard-00000") is None
 
 
 def test_claims_skip_what_others_hold_and_wait_for_them_to_finish(tmp_path):

@@ -7,8 +7,9 @@ lease whose worker died is taken over by any live worker, so no shard waits for 
 A lease is a file `<folder>/<name>.<attempt>.lease` holding its worker's host, process id, label, start time and
 heartbeat (JSON). It is written complete under a temporary name and hard-linked to its final name: link() fails
 when the name exists, atomically on local file systems and on NFS (where flock/fcntl locks are not dependable),
-so exactly one worker gets each attempt. The holder renews the heartbeat every timeout/4 from a background thread
-(rewrite + rename of its own attempt's file) and removes the file when the work is written.
+so exactly one worker gets each attempt. Where hard links are not supported (gcsfuse, s3fs, SMB mounts), the final
+name is created with O_EXCL instead and the lease written into it. The holder renews the heartbeat every timeout/4
+from a background thread (rewrite + rename of its own attempt's file) and removes the file when the work is written.
 
 A lease is expired when its heartbeat is older than its timeout by the reader's clock (hosts' clocks must agree to
 well within the timeout, as NTP keeps them), or at once when its holder ran on this host and that process is gone.
@@ -24,6 +25,7 @@ temporary name and renamed, so two workers that did score the same shard leave o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,6 +46,8 @@ LEASE_DIR = "leases"  # a label store's lease files: one per shard being scored,
 SUFFIX = ".lease"
 LEASE_FILE = re.compile(r"^(?P<name>[^.].*)\.(?P<attempt>\d+)\.lease$")
 DEFAULT_TIMEOUT_S = 300.0
+# link() errors of file systems without hard links (FUSE and object-store mounts, SMB): claims use O_EXCL there
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 RESCANS = 5  # listings of a folder whose lease files keep vanishing while read, before the vanished count as free
 Item = TypeVar("Item")
 
@@ -80,6 +84,10 @@ class Holder:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def text(self) -> str:
+        """The lease file's content."""
+        return json.dumps(self.to_json()) + "\n"
 
 
 class Lease:
@@ -151,7 +159,7 @@ class LeaseBoard:
     def write_temporary(self, beside: Path, holder: Holder) -> Path:
         """A complete lease file under a temporary name beside `beside` (the names makd.atomic cleans up)."""
         tmp = new_temporary_file(beside)
-        tmp.write_text(json.dumps(holder.to_json()) + "\n", encoding="utf-8")
+        tmp.write_text(holder.text(), encoding="utf-8")
         return tmp
 
     def holders(self) -> dict[str, Holder]:
@@ -212,7 +220,7 @@ class LeaseBoard:
         except OSError as exc:  # a read-only store, a full disk: one line naming the lease
             raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         try:
-            if not self._link(tmp, target):
+            if not self._link(tmp, target, holder):
                 return None
         finally:
             tmp.unlink(missing_ok=True)
@@ -225,7 +233,7 @@ class LeaseBoard:
                 self.path_of(name, old).unlink(missing_ok=True)
         return Lease(self, holder)
 
-    def _link(self, tmp: Path, target: Path) -> bool:
+    def _link(self, tmp: Path, target: Path, holder: Holder) -> bool:
         """Give `target` the lease file `tmp`: True if this worker got it, False if another worker has it."""
         try:
             os.link(tmp, target)
@@ -236,7 +244,26 @@ class LeaseBoard:
                 return True
             if isinstance(exc, FileExistsError):
                 return False
+            if exc.errno in NO_HARD_LINKS:
+                return self._create_exclusive(target, holder)
             raise
+        return True
+
+    def _create_exclusive(self, target: Path, holder: Holder) -> bool:
+        """`link` where the file system has no hard links: O_EXCL creation (False if the name exists), then the
+        content. A reader that sees it still empty counts it as held from its mtime (`_read`)."""
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with open(fd, "w", encoding="utf-8") as file:
+                file.write(holder.text())
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         return True
 
     def remove_leftovers(self) -> None:
