@@ -151,11 +151,13 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
                 if index is not None:
                     ahead.append(_start_shard(writer, index, split, teacher, questions, bar, workers, submit))
                 while ahead and (index is None or len(ahead) > (1 if submit else 0)):
-                    ahead.popleft().finish(writer, teacher, questions, split, bar)
+                    ahead[0].finish(writer, teacher, questions, split, bar)
+                    ahead.popleft()  # once written: if finishing fails, its batches still out are cancelled too
             while ahead:
-                ahead.popleft().finish(writer, teacher, questions, split, bar)
+                ahead[0].finish(writer, teacher, questions, split, bar)
+                ahead.popleft()
     except BaseException:
-        for shard in ahead:  # submitted ahead: dropped, not left running
+        for shard in ahead:  # the one that failed and those submitted ahead: dropped, not left running
             shard.cancel()
         raise
     finally:
