@@ -20,7 +20,7 @@ from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
 from makd.data.base import loader_workers, per_class_sample
 from makd.errors import MakdError
-from makd.labels.inputs import shard_batches
+from makd.labels.inputs import WorkerPool, shard_batches
 from makd.labels.leases import DEFAULT_TIMEOUT_S
 from makd.labels.listing import shared_samples
 from makd.labels.store import LabelStore, Skipped, shard_name
@@ -162,6 +162,7 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
         raise
     finally:
         shards.close()
+        WorkerPool.stop()  # kept between this job's shards only
     return writer.finish(lease_timeout)
 
 
