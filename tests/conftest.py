@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,6 +128,11 @@ def tiny_imagefolder(tmp_path_factory: pytest.TempPathFactory, fmnist_test: Any)
             for i in chosen:
                 Image.fromarray(fmnist_test.array[i]).save(root / split / folder / f"img{i}.png")
     return root
+
+
+def chat_loop_threads() -> set[threading.Thread]:
+    """The running background loops of ChatClients (makd/clients/openai_chat.py)."""
+    return {thread for thread in threading.enumerate() if thread.name == "makd-openai"}
 
 
 def dead_pid() -> int:

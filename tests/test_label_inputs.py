@@ -4,16 +4,18 @@ cannot be read, or that the teacher's processor rejects, is reported and the res
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
-from conftest import question_set
+from conftest import PixelTeacher, make_question_set, question_set
 from PIL import Image
 from support.random_models import save_random_lm, save_random_vlm
 
 from makd.data.base import file_split
 from makd.labels import LabelStore, label_split
-from makd.labels.inputs import shard_batches
+from makd.labels.inputs import WorkerPool, shard_batches
 from makd.teachers import build_teacher
 from makd.teachers.hf_prompts import PreparedImages
 
@@ -92,3 +94,16 @@ def test_class_level_teachers_never_decode_images(jpeg_split, tmp_path):
     batches = list(shard_batches(split, range(1, 7), teacher, workers=1))
     assert [b.positions for b in batches] == [[1, 2, 3, 4], [5, 6]] and all(b.failed == [] for b in batches)
     assert [list(b.inputs["classes"]) for b in batches] == [[1, 0, 1, 0], [1, 0]] and "images" not in batches[0].inputs
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_the_worker_processes_stop_when_the_label_job_ends(jpeg_split, tmp_path, monkeypatch):
+    """They serve every shard of the job (kept between shards), and no longer: the process goes on (e.g. to train)."""
+    before, pools, start = set(multiprocessing.active_children()), [], WorkerPool.__init__
+    monkeypatch.setattr(WorkerPool, "__init__", lambda pool, *args: pools.append(pool) or start(pool, *args))
+    teacher = PixelTeacher(batch_size=2)
+    store = label_split(jpeg_split, teacher, make_question_set(["a", "b"], n=2), tmp_path / "s", shard_size=3,
+                        workers=2, progress=False)
+    assert len(store.read()[0]) == 7 and teacher.calls == 5  # 3 shards, in batches of 2
+    assert len(pools) == 1  # one pool for the 3 shards
+    assert set(multiprocessing.active_children()) - before == set()

@@ -169,3 +169,39 @@ def test_an_unreadable_shard_is_a_one_line_error(tmp_path, split, questions):
     with pytest.raises(MakdError, match=r"shard-00001.parquet: unreadable .*makd labels check"):
         LabelStore.open(out).lookup(split.sample_ids)
     assert not (out / TABLE_FILE).exists()
+
+
+class Pending:
+    """What SubmittingTeacher.submit returns: its scores when waited for, or `error`; records `cancel()`."""
+
+    def __init__(self, scores, error=None):
+        self.scores, self.error, self.cancelled = scores, error, False
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.scores
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class SubmittingTeacher(PixelTeacher):
+    """A teacher with `submit` (as the openai one) whose first batch's answer is an error."""
+
+    def __init__(self):
+        super().__init__(batch_size=2)
+        self.submitted = []
+
+    def submit(self, images, questions):
+        error = RuntimeError("the server went away") if not self.submitted else None
+        self.submitted.append(Pending(self.score(images, questions), error))
+        return self.submitted[-1]
+
+
+def test_a_shard_whose_answer_fails_cancels_its_own_batches_and_those_submitted_ahead(tmp_path, split, questions):
+    teacher = SubmittingTeacher()
+    with pytest.raises(RuntimeError, match="went away"):
+        label_split(split, teacher, questions, tmp_path / "s", shard_size=4, progress=False)
+    assert len(teacher.submitted) == 4  # shard 0's two batches, and shard 1's, submitted before shard 0 is written
+    assert [part.cancelled for part in teacher.submitted[1:]] == [True, True, True]

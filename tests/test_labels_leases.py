@@ -3,6 +3,7 @@ share one store without scoring a shard twice, and a killed worker's shard is fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -117,6 +118,69 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     assert LeaseBoard(tmp_path, "b", timeout=3600).try_claim("samples") is not None
 
 
+def dead_lease(board: LeaseBoard, name: str) -> None:
+    """`name` claimed by `board`'s worker, which then died (its lease may be taken over at once)."""
+    lease = board.try_claim(name)
+    lease._stop.set()
+    fields = json.loads(lease.path.read_text())
+    lease.path.write_text(json.dumps({**fields, "pid": dead_pid()}))
+
+
+def test_a_lease_taken_over_while_another_worker_reads_the_folder_is_seen_held(tmp_path, monkeypatch):
+    """C lists attempt 0 (B's, expired); A takes it over (links attempt 1, removes 0) before C reads attempt 0:
+    C must list the folder again and see A's lease, not take the vanished file for a free shard."""
+    dead_lease(LeaseBoard(tmp_path, "b", timeout=30), "shard-00000")
+    a, c = LeaseBoard(tmp_path, "a", timeout=30), LeaseBoard(tmp_path, "c", timeout=30)
+    read, taken = LeaseBoard._read, []
+
+    def takeover_before_c_reads(board, name, attempt):
+        if board is c and not taken:
+            taken.append(a.try_claim(name))
+        return read(board, name, attempt)
+
+    monkeypatch.setattr(LeaseBoard, "_read", takeover_before_c_reads)
+    assert c.holders()["shard-00000"].worker == "a"
+    assert taken[0] is not None and taken[0].holder.attempt == 1
+    taken[0].release()
+
+
+def test_a_claim_linked_after_a_takeover_it_did_not_see_is_given_up(tmp_path, monkeypatch):
+    """C scans an empty folder; before C links attempt 0, B claims it and dies and A takes it over (attempt 1,
+    attempt 0 removed), so C's link succeeds: C must find attempt 1 and give its claim up."""
+    a, b, c = (LeaseBoard(tmp_path, worker, timeout=30) for worker in "abc")
+    write, taken = LeaseBoard.write_temporary, []
+
+    def takeover_before_c_links(board, beside, holder):
+        if board is c and not taken:
+            dead_lease(b, holder.name)
+            taken.append(a.try_claim(holder.name))
+        return write(board, beside, holder)
+
+    monkeypatch.setattr(LeaseBoard, "write_temporary", takeover_before_c_links)
+    assert c.try_claim("shard-00000") is None
+    assert taken[0] is not None and taken[0].holder.attempt == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-00000.1.lease"]  # C's attempt 0 is gone
+    taken[0].release()
+
+
+def test_claims_exclude_each_other_where_hard_links_fail(tmp_path, monkeypatch):
+    """gcsfuse, s3fs, SMB: link() fails with EPERM; leases are then created exclusively (O_EXCL)."""
+    def no_hard_links(src, dst):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    a, b = LeaseBoard(tmp_path, "a", timeout=30), LeaseBoard(tmp_path, "b", timeout=30)
+    lease = a.try_claim("shard-00000")
+    assert lease is not None and b.try_claim("shard-00000") is None
+    assert b.holders()["shard-00000"].worker == "a" and not b.holders()["shard-00000"].expired()
+    monkeypatch.setattr(b, "holders", lambda: {})  # B listed the folder before A claimed: the creation refuses it
+    assert b.try_claim("shard-00000") is None
+    lease.release()
+    assert not list(tmp_path.iterdir())  # no lease, no temporary file left
+    with b.try_claim("shard-00000") as again:
+        assert again is not None and a.try_claim("shard-00000") is None
+
+
 def test_claims_skip_what_others_hold_and_wait_for_them_to_finish(tmp_path):
     other = LeaseBoard(tmp_path, "other", timeout=30).try_claim("item-1")
     done = {"item-0": False, "item-1": False, "item-2": False}
@@ -224,10 +288,9 @@ def test_a_killed_workers_shard_is_finished_by_another_worker(tmp_path, fmnist_t
     assert [i for i, _ in status.leased] == [1] and status.done == [0] and len(status.left) == 6
     assert any("shard-00001" in line and "rank" not in line for line in status_lines(status))
 
-    killed_at = time.time()
     b = start_worker(tmp_path, "b", delay=0.0, timeout=2)
     assert b.wait(timeout=120) == 0
-    assert time.time() - killed_at >= 2  # it had to wait for the lease to expire
+    assert time.time() - fields["heartbeat"] > 2  # it had to wait for the lease to expire (A's last sign of life)
     split, (ids, logodds, _) = reference(tmp_path, fmnist_test)
     by_a, by_b = scored(tmp_path, "a"), scored(tmp_path, "b")
     shard1 = split.sample_ids[2:4]

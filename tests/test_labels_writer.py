@@ -248,6 +248,27 @@ def test_workers_read_the_stores_image_listing_until_the_images_change(tmp_path,
     assert listed == [1, 1, 1]
 
 
+class ClosingTeacher(PixelTeacher):
+    closed = 0
+
+    def close(self):
+        self.closed += 1
+
+
+def test_label_from_config_closes_the_teacher_it_built_even_when_labelling_fails(tmp_path, tiny_imagefolder,
+                                                                                  monkeypatch):
+    make_question_set(["Sandal", "T-shirt_top", "Trouser"], n=2).save(tmp_path / "q.json")
+    config = load_config(overrides=[f"questions={tmp_path / 'q.json'}", "data.dataset=imagefolder",
+                                    f"data.root={tiny_imagefolder}", f"labels.path={tmp_path / 'labels'}",
+                                    "data.num_workers=0", "train.progress=false"])
+    built = [ClosingTeacher(fail_after_calls=0), ClosingTeacher()]  # the first one fails
+    monkeypatch.setattr("makd.labels.job.build_teacher", lambda options, teachers=iter(built): next(teachers))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        label_from_config(config)
+    assert len(label_from_config(config).read()[0]) > 0
+    assert [t.closed for t in built] == [1, 1]
+
+
 # -- progress across workers ----------------------------------------------------------------------------------------
 def test_labels_status_shows_done_leased_and_left_shards(tmp_path, fmnist_test, capsys):
     split = fmnist_test.subset(np.arange(10), "part")

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import question_set
+from conftest import chat_loop_threads, question_set
 from PIL import Image
 from support.openai_server import Model, ServerProcess, digest, stub_top_logprobs
 from support.random_models import save_random_vlm
 
+from makd.clients.openai_chat import ChatClient, ServerConnection, parse_texts
 from makd.data.base import ImageSplit, file_split, load_image, png_bytes
 from makd.detection.crops import BoxCrops
 from makd.errors import MakdError
@@ -376,3 +377,32 @@ def test_options_are_checked():
     assert teacher("http://a/v1").inputs == {"encoded_images", "sample_ids"}
     described = teacher("http://a/v1", image_transport="file_url", concurrency=3).describe()
     assert described == teacher(["http://b/v1", "http://c/v1"]).describe()  # neither changes an answer
+
+
+def test_a_dropped_client_stops_its_loop_and_a_closed_teacher_its_client():
+    """Clients are closed when dropped (a teacher or LLM per config, in a long process) or closed, not at exit."""
+    before = chat_loop_threads()
+    client = ChatClient(ServerConnection(base_url="http://127.0.0.1:9/v1", model="tiny", concurrency=8))
+    assert client.run_groups([], parse_texts) == []  # starts the loop (and sends nothing)
+    started = chat_loop_threads() - before
+    assert len(started) == 1
+    del client
+    assert not any(thread.is_alive() for thread in started)
+    t = teacher("http://127.0.0.1:9/v1", concurrency=8)
+    for _ in range(2):  # a request after close() starts the loop again; close() stops it again
+        assert t.client.run_groups([], parse_texts) == [] and len(chat_loop_threads() - before) == 1
+        t.close()
+        assert chat_loop_threads() - before == set()
+
+
+def test_a_client_closed_on_its_loops_own_thread_does_not_wait_for_itself():
+    """A collection that runs the finalizer on the loop's thread: the loop is stopped by another thread."""
+    before = chat_loop_threads()
+    client = ChatClient(ServerConnection(base_url="http://127.0.0.1:9/v1", model="tiny", concurrency=8))
+    loop = client._engine.started()
+    (loop_thread,) = chat_loop_threads() - before
+    loop.call_soon_threadsafe(client.close)
+    loop_thread.join(timeout=60)
+    for closer in [t for t in threading.enumerate() if t.name == "makd-openai-close"]:
+        closer.join(timeout=60)
+    assert not loop_thread.is_alive() and loop.is_closed()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import chat_loop_threads
 from support.openai_server import ServerProcess
 from support.random_models import save_random_lm
 
@@ -91,8 +92,11 @@ def test_openai_backend_matches_the_same_model_run_locally(lm, tmp_path):
     with ServerProcess(lm, tmp_path, "--text") as server:
         remote = TextLLM.from_options({"backend": "openai", "base_url": server.base_url, "model": "tiny",
                                        "api_key_env": None, "max_new_tokens": 10})
+        before = chat_loop_threads()
         assert remote.generate(chat, 2, seed=7) == local.generate(chat, 2, seed=7)
-        assert len(server.requests()) == 1
+        assert len(server.requests()) == 1 and len(chat_loop_threads() - before) == 1
+        remote.close()
+        assert chat_loop_threads() - before == set()
 
 
 @pytest.mark.slow

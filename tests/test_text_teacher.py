@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import question_set
+from conftest import chat_loop_threads, question_set
 from support.data_packages import smollm2_folder
 from support.openai_server import ServerProcess
 from support.random_models import save_random_lm
@@ -87,8 +87,12 @@ def test_openai_backend_agrees_with_local(lm, questions, tmp_path):
     with ServerProcess(lm, tmp_path, "--text") as server:
         remote = build_teacher({"name": "text", "backend": "openai", "base_url": server.base_url, "model": "tiny",
                                 "top_logprobs": 1000, "api_key_env": None})
+        before = chat_loop_threads()
         scores = remote.score([], questions, classes=[0, 1, 2, 1])
         asked = [r["text"] for r in server.requests()]
+        assert len(chat_loop_threads() - before) == 1
+        remote.close()
+        assert chat_loop_threads() - before == set()
     np.testing.assert_allclose(scores.logodds, local.logodds[[0, 1, 2, 1]], atol=1e-4)
     assert scores.flags is not None and not scores.flags.any()
     # 3 classes x 3 questions, each asked once (concurrent requests arrive in any order)

@@ -9,19 +9,20 @@ it has answered, so the server's prefix cache (vLLM's block hashes include the i
 arrive; all of a group's requests go to the server that took its first. Servers take new groups as they have room
 (the least loaded first), so several servers balance themselves. 429, 5xx, timeouts and dropped connections
 are retried with exponential backoff (honouring Retry-After). The API key is read from the environment variable
-named by `api_key_env` and is never logged.
+named by `api_key_env` and is never logged. The loop and connections stop at `close()`, when the client is
+collected, or at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import json
 import logging
 import os
 import random
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -151,18 +152,20 @@ class _Server:
 
 
 class ChatClient:
-    """Thread-safe chat-completions client; see the module docstring."""
+    """Thread-safe chat-completions client; see the module docstring. Its loop and connections are an `_Engine`
+    that holds no reference back to it, so that a client dropped without `close()` (a teacher or LLM built per
+    config in a long process) is collected, and its finalizer stops them then (or at exit)."""
 
     def __init__(self, o: ServerConnection, section: str = "teacher") -> None:
         self.options = o
         self.section = section  # the config section errors name
-        self.retries = 0  # retried requests so far (a health signal, shown in the log)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
-        self._servers: list[_Server] = []
-        self._pending: deque[tuple[_Batch, int]] = deque()  # groups no server has taken yet, in order
-        self._tasks: set[asyncio.Task] = set()
+        self._engine = _Engine(o, section)
+        weakref.finalize(self, self._engine.close)
+
+    @property
+    def retries(self) -> int:
+        """Retried requests so far (a health signal, shown in the log)."""
+        return self._engine.retries
 
     # -- requests, from any thread -----------------------------------------------------------------------
     def request_template(self, body: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -178,7 +181,7 @@ class ChatClient:
         """Starts every request of every group (after the groups submitted before); the future's result is
         `results[group][request]`, parsed. The first error (after retries) fails it with one line; cancelling it
         drops its requests still queued."""
-        return asyncio.run_coroutine_threadsafe(self._run(list(groups), parse), self._started())
+        return asyncio.run_coroutine_threadsafe(self._engine.run(list(groups), parse), self._engine.started())
 
     def run_groups(self, groups: Sequence[RequestGroup], parse: Callable[[dict[str, Any]], T]) -> list[list[T]]:
         """`submit_groups(...)`'s results, waited for."""
@@ -195,19 +198,27 @@ class ChatClient:
         return self.run_groups([group], parse_texts)[0][0]
 
     def close(self) -> None:
-        """Closes the connections and stops the background loop (at exit, or earlier; a later request starts them
-        again)."""
-        with self._start:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self._close(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            self._thread.join()
-            loop.close()
-            atexit.unregister(self.close)
+        """Closes the connections and stops the background loop (a later request starts them again)."""
+        self._engine.close()
 
-    # -- the background loop -------------------------------------------------------------------------------
-    def _started(self) -> asyncio.AbstractEventLoop:
+
+class _Engine:
+    """A ChatClient's background event loop and what runs on it: connections, queued groups, each server's pump.
+    Nothing here refers to the ChatClient (its finalizer closes this)."""
+
+    def __init__(self, o: ServerConnection, section: str) -> None:
+        self.options = o
+        self.section = section
+        self.retries = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self._servers: list[_Server] = []
+        self._pending: deque[tuple[_Batch, int]] = deque()  # groups no server has taken yet, in order
+        self._tasks: set[asyncio.Task] = set()
+
+    def started(self) -> asyncio.AbstractEventLoop:
+        """The running loop, started (with the connections) by the first request after creation or `close()`."""
         with self._start:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
@@ -215,8 +226,24 @@ class ChatClient:
                 self._thread.start()
                 asyncio.run_coroutine_threadsafe(self._open(), loop).result()
                 self._loop = loop
-                atexit.register(self.close)  # a loop dropped with its tasks pending complains at exit
             return self._loop
+
+    def close(self) -> None:
+        """Stops the loop, its tasks and connections closed first (a loop dropped with tasks pending complains)."""
+        with self._start:
+            loop, self._loop, thread = self._loop, None, self._thread
+        if loop is None:
+            return
+        if threading.current_thread() is thread:  # the finalizer run by a collection on the loop's own thread:
+            threading.Thread(target=self._stop, args=(loop, thread), name="makd-openai-close").start()  # cannot wait
+        else:
+            self._stop(loop, thread)
+
+    def _stop(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -249,7 +276,8 @@ class ChatClient:
                 await client.aclose()
         self._servers, self._pending = [], deque()
 
-    async def _run(self, groups: list[RequestGroup], parse: Callable[[dict[str, Any]], T]) -> list[list[T]]:
+    async def run(self, groups: list[RequestGroup], parse: Callable[[dict[str, Any]], T]) -> list[list[T]]:
+        """The groups' results, parsed (ChatClient.submit_groups)."""
         batch = _Batch(groups, parse, asyncio.get_running_loop().create_future())
         if not batch.left:
             return batch.results

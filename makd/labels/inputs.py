@@ -87,7 +87,7 @@ def preparer(teacher: Teacher) -> Callable[[list[Image.Image]], Any] | None:
 class WorkerPool:
     """DataLoader worker processes kept for the shards of one label job (same split, same teacher): starting them
     costs ~0.2 s, a shard of a small model's work on a CPU. A job with another split or teacher replaces the pool
-    (its workers stop); the last one stops with the process."""
+    (its workers stop); the label job stops it when it ends (`stop`)."""
 
     _current: ClassVar[WorkerPool | None] = None
 
@@ -109,6 +109,16 @@ class WorkerPool:
             cls._current = None  # the old pool's workers stop as it goes
             pool = cls._current = cls(split, teacher, workers)
         return pool
+
+    @classmethod
+    def stop(cls) -> None:
+        """Stops the kept pool's workers now: the process may go on (e.g. to train) and must not keep them."""
+        pool, cls._current = cls._current, None
+        if pool is not None:
+            # persistent_workers: the loader keeps the iterator that owns the workers (torch's DataLoader._iterator)
+            iterator, pool.loader._iterator = pool.loader._iterator, None
+            if iterator is not None:
+                iterator._shutdown_workers()
 
     def batches(self, batches: list[list[int]]) -> Iterator[InputBatch]:
         self.sampler.batches = batches

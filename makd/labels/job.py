@@ -20,7 +20,7 @@ from makd.config import Config, resolve_path
 from makd.data import ImageSplit, build_splits
 from makd.data.base import loader_workers, per_class_sample
 from makd.errors import MakdError
-from makd.labels.inputs import shard_batches
+from makd.labels.inputs import WorkerPool, shard_batches
 from makd.labels.leases import DEFAULT_TIMEOUT_S
 from makd.labels.listing import shared_samples
 from makd.labels.store import LabelStore, Skipped, shard_name
@@ -28,7 +28,7 @@ from makd.labels.writer import LabelWriter
 from makd.questions import QuestionSet
 from makd.teachers import build_teacher
 from makd.teachers.answers import warn_low_mass
-from makd.teachers.base import AspectScores, Teacher, provenance
+from makd.teachers.base import AspectScores, Teacher, close_teacher, provenance
 
 log = logging.getLogger("makd.labels")
 
@@ -118,11 +118,14 @@ def label_from_config(config: Config, *, rank: int | None = None, world_size: in
         raise MakdError(f"question set {config.questions} is for classes {list(questions.classes)[:3]}..., "
                         f"the dataset has {split.class_names[:3]}...")
     teacher = build_teacher(config.teacher)
-    return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
-                       rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress,
-                       lease_timeout=config.labels.lease_timeout, retry_skipped=retry_skipped,
-                       workers=loader_workers(config.data.num_workers, split.array is not None,
-                                              str(getattr(teacher, "device", "cpu")).split(":")[0]))
+    try:
+        return label_split(split, teacher, questions, config.labels.path, shard_size=config.labels.shard_size,
+                           rank=rank, world_size=world_size, overwrite=overwrite, progress=config.train.progress,
+                           lease_timeout=config.labels.lease_timeout, retry_skipped=retry_skipped,
+                           workers=loader_workers(config.data.num_workers, split.array is not None,
+                                                  str(getattr(teacher, "device", "cpu")).split(":")[0]))
+    finally:
+        close_teacher(teacher)  # built here, used by no one else (label_split leaves a caller's teacher open)
 
 
 def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out: str | Path, *,
@@ -151,15 +154,18 @@ def label_split(split: ImageSplit, teacher: Teacher, questions: QuestionSet, out
                 if index is not None:
                     ahead.append(_start_shard(writer, index, split, teacher, questions, bar, workers, submit))
                 while ahead and (index is None or len(ahead) > (1 if submit else 0)):
-                    ahead.popleft().finish(writer, teacher, questions, split, bar)
+                    ahead[0].finish(writer, teacher, questions, split, bar)
+                    ahead.popleft()  # once written: if finishing fails, its batches still out are cancelled too
             while ahead:
-                ahead.popleft().finish(writer, teacher, questions, split, bar)
+                ahead[0].finish(writer, teacher, questions, split, bar)
+                ahead.popleft()
     except BaseException:
-        for shard in ahead:  # submitted ahead: dropped, not left running
+        for shard in ahead:  # the one that failed and those submitted ahead: dropped, not left running
             shard.cancel()
         raise
     finally:
         shards.close()
+        WorkerPool.stop()  # kept between this job's shards only
     return writer.finish(lease_timeout)
 
 

@@ -7,14 +7,17 @@ lease whose worker died is taken over by any live worker, so no shard waits for 
 A lease is a file `<folder>/<name>.<attempt>.lease` holding its worker's host, process id, label, start time and
 heartbeat (JSON). It is written complete under a temporary name and hard-linked to its final name: link() fails
 when the name exists, atomically on local file systems and on NFS (where flock/fcntl locks are not dependable),
-so exactly one worker gets each attempt. The holder renews the heartbeat every timeout/4 from a background thread
-(rewrite + rename of its own attempt's file) and removes the file when the work is written.
+so exactly one worker gets each attempt. Where hard links are not supported (gcsfuse, s3fs, SMB mounts), the final
+name is created with O_EXCL instead and the lease written into it. The holder renews the heartbeat every timeout/4
+from a background thread (rewrite + rename of its own attempt's file) and removes the file when the work is written.
 
 A lease is expired when its heartbeat is older than its timeout by the reader's clock (hosts' clocks must agree to
 well within the timeout, as NTP keeps them), or at once when its holder ran on this host and that process is gone.
 Any worker may then take attempt + 1: as only one link of `<name>.<attempt + 1>.lease` succeeds, two workers that
 reclaim the same lease cannot both get it. The highest attempt is the lease; the one who takes over removes the
-lower ones. A holder that was superseded (paused past its timeout) sees it at its next heartbeat (`Lease.lost`).
+lower ones, so a worker that listed the folder before a takeover may find a lower attempt free again: it lists
+the folder again after linking, and gives its claim up if a higher attempt is there. A holder that was superseded
+(paused past its timeout) sees it at its next heartbeat (`Lease.lost`).
 
 Leases only avoid duplicate work; they are not what keeps a store correct: every shard is written whole under a
 temporary name and renamed, so two workers that did score the same shard leave one complete copy of it.
@@ -22,6 +25,7 @@ temporary name and renamed, so two workers that did score the same shard leave o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -42,6 +46,9 @@ LEASE_DIR = "leases"  # a label store's lease files: one per shard being scored,
 SUFFIX = ".lease"
 LEASE_FILE = re.compile(r"^(?P<name>[^.].*)\.(?P<attempt>\d+)\.lease$")
 DEFAULT_TIMEOUT_S = 300.0
+# link() errors of file systems without hard links (FUSE and object-store mounts, SMB): claims use O_EXCL there
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+RESCANS = 5  # listings of a folder whose lease files keep vanishing while read, before the vanished count as free
 Item = TypeVar("Item")
 
 
@@ -77,6 +84,10 @@ class Holder:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def text(self) -> str:
+        """The lease file's content."""
+        return json.dumps(self.to_json()) + "\n"
 
 
 class Lease:
@@ -148,11 +159,26 @@ class LeaseBoard:
     def write_temporary(self, beside: Path, holder: Holder) -> Path:
         """A complete lease file under a temporary name beside `beside` (the names makd.atomic cleans up)."""
         tmp = new_temporary_file(beside)
-        tmp.write_text(json.dumps(holder.to_json()) + "\n", encoding="utf-8")
+        tmp.write_text(holder.text(), encoding="utf-8")
         return tmp
 
     def holders(self) -> dict[str, Holder]:
-        """The current lease of every name that has one (its highest attempt)."""
+        """The current lease of every name that has one (its highest attempt). A file that vanishes between the
+        listing and its reading was released, or taken over (attempt + 1 linked before it was removed): the
+        folder is listed again, as taking it for free would let this worker claim a lease another just took."""
+        for _ in range(RESCANS):
+            found, vanished = {}, False
+            for name, attempt in self._highest_attempts().items():
+                holder = self._read(name, attempt)
+                vanished |= holder is None
+                if holder is not None:
+                    found[name] = holder
+            if not vanished:
+                break
+        return found  # still vanishing (a busy folder): try_claim's check after linking catches a takeover
+
+    def _highest_attempts(self) -> dict[str, int]:
+        """The highest attempt of each name among the folder's lease files."""
         try:
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
@@ -163,19 +189,15 @@ class LeaseBoard:
             if match:
                 name, attempt = match["name"], int(match["attempt"])
                 highest[name] = max(attempt, highest.get(name, -1))
-        found = {}
-        for name, attempt in highest.items():
-            holder = self._read(name, attempt)
-            if holder is not None:
-                found[name] = holder
-        return found
+        return highest
 
     def _read(self, name: str, attempt: int) -> Holder | None:
+        """The lease file's holder; None if the file is gone."""
         path = self.path_of(name, attempt)
         try:
             text = path.read_text(encoding="utf-8")
             mtime = path.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile
+        except FileNotFoundError:  # released or taken over meanwhile
             return None
         try:
             fields = json.loads(text)
@@ -198,21 +220,51 @@ class LeaseBoard:
         except OSError as exc:  # a read-only store, a full disk: one line naming the lease
             raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         try:
-            os.link(tmp, target)
-        except OSError as exc:
-            # NFS: a link whose reply was lost may be retried and fail, yet have succeeded: it did iff the count is 2
-            # (open(2), O_EXCL). Otherwise EEXIST means another worker got this attempt first.
-            if os.stat(tmp).st_nlink != 2:
-                if isinstance(exc, FileExistsError):
-                    return None
-                raise
+            if not self._link(tmp, target, holder):
+                return None
         finally:
             tmp.unlink(missing_ok=True)
+        if self._highest_attempts().get(name, attempt) > attempt:  # taken over since our listing (module docstring)
+            target.unlink(missing_ok=True)
+            return None
         if current is not None:
             log.info("%s: took over from %s (last heartbeat %.0f s ago)", name, current.worker, now - current.heartbeat)
             for old in range(attempt):
                 self.path_of(name, old).unlink(missing_ok=True)
         return Lease(self, holder)
+
+    def _link(self, tmp: Path, target: Path, holder: Holder) -> bool:
+        """Give `target` the lease file `tmp`: True if this worker got it, False if another worker has it."""
+        try:
+            os.link(tmp, target)
+        except OSError as exc:
+            # NFS: a link whose reply was lost may be retried and fail, yet have succeeded: it did iff the count is 2
+            # (open(2), O_EXCL). Otherwise EEXIST means another worker got this attempt first.
+            if os.stat(tmp).st_nlink == 2:
+                return True
+            if isinstance(exc, FileExistsError):
+                return False
+            if exc.errno in NO_HARD_LINKS:
+                return self._create_exclusive(target, holder)
+            raise
+        return True
+
+    def _create_exclusive(self, target: Path, holder: Holder) -> bool:
+        """`link` where the file system has no hard links: O_EXCL creation (False if the name exists), then the
+        content. A reader that sees it still empty counts it as held from its mtime (`_read`)."""
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with open(fd, "w", encoding="utf-8") as file:
+                file.write(holder.text())
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
+        return True
 
     def remove_leftovers(self) -> None:
         """Temporary files of killed workers (their leases themselves expire)."""

@@ -91,6 +91,11 @@ class TextLLM:
         schema = LLM_BACKENDS.get(options.get("backend", "smollm2"))
         return cls(validate(schema, options, "llm"), cache)
 
+    def close(self) -> None:
+        """Stops the server client's loop and connections now, not when this LLM is collected."""
+        if self._client is not None:
+            self._client.close()
+
     # -- identity -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         o = self.options

@@ -21,7 +21,9 @@ Optional hooks (a teacher without them is served as before):
   teacher checks its shared-prefix path on one image alone);
 - `submit(...)`, with `score`'s arguments, returning an object whose `result()` is the scores (and `cancel()`
   drops them): the label job then submits the next shard before writing the current one (the `openai` teacher
-  keeps its servers' windows full).
+  keeps its servers' windows full);
+- `close()`: frees what the teacher holds (the server teachers' client loop and connections) once its owner, e.g.
+  `label_from_config` for the teacher it built, is done with it (`close_teacher`).
 Inputs "encoded_images" (each sample's file bytes and MIME type, `ImageSplit.encoded`) and "image_files" (the file
 holding exactly each sample's image, or None: `ImageSplit.image_file`) serve teachers behind servers.
 """
@@ -84,3 +86,10 @@ def provenance(teacher: Teacher, questions: QuestionSet) -> dict[str, Any]:
 def teacher_inputs(teacher: Teacher) -> frozenset[str]:
     """What `teacher.score` needs: {"images"} unless the teacher declares otherwise."""
     return getattr(teacher, "inputs", IMAGES)
+
+
+def close_teacher(teacher: Teacher) -> None:
+    """The teacher's optional `close()` (module docstring), for whoever built it and is done with it."""
+    close = getattr(teacher, "close", None)
+    if close is not None:
+        close()

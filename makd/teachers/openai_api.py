@@ -143,6 +143,11 @@ class OpenAITeacher:
             self._client = ChatClient(self.options)
         return self._client
 
+    def close(self) -> None:
+        """Stops the client's loop and connections now, not when the teacher is collected (teachers/base.py)."""
+        if self._client is not None:
+            self._client.close()
+
     def describe(self) -> dict[str, Any]:
         return {**server_describe(self.options, self.name),
                 "user_content": "[image_url, question + ' ' + instruction]",

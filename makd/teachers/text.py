@@ -103,6 +103,11 @@ class TextTeacher:
     def from_options(cls, options: dict[str, Any]) -> TextTeacher:
         return cls(validate(TEXT_BACKENDS.get(options.get("backend", "hf")), options, "teacher"))
 
+    def close(self) -> None:
+        """Stops the server client's loop and connections now, not when the teacher is collected (teachers/base.py)."""
+        if self._client is not None:
+            self._client.close()
+
     # -- prompts ------------------------------------------------------------------------------------------
     def user_text(self, class_name: str, question: str) -> str:
         return f"{self.options.subject.format(class_name=class_name)} {self.options.user_text(question)}"
