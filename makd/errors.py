@@ -25,6 +25,12 @@ class OutputError(MakdError, OSError):
         return self.message
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # What was being done: by the failing pathlib/os call (the innermost Python frame), else by the errno.
 _OPERATION_BY_CALL = {"mkdir": "create folder", "makedirs": "create folder", "unlink": "delete", "rmdir": "delete",
                       "rename": "move", "replace": "move", "iterdir": "list", "scandir": "list", "read_text": "read",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import pydantic
 
 from makd.effects import EXECUTION, RESULTS
-from makd.errors import MakdError
+from makd.errors import MakdError, first_line
 from makd.launchers import device_for_process, from_env, processes_on_node
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -113,10 +113,9 @@ def load_pretrained(loader: Any, o: HFModelOptions, what: str, section: str = "t
     except (OSError, ValueError, KeyError, ImportError) as exc:
         if offline:
             raise MakdError(offline_message(o.model, offline, section)) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if o.trust_remote_code or "trust_remote_code" not in str(exc) else \
             f" (this model needs its own code: set {section}.trust_remote_code=true if you trust it)"
-        raise MakdError(f"{section}.model: cannot load the {what} of {o.model!r}: {first}{hint}") from None
+        raise MakdError(f"{section}.model: cannot load the {what} of {o.model!r}: {first_line(exc)}{hint}") from None
 
 
 def hub_offline(model: str) -> str | None:

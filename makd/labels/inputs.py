@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from makd.data.base import ImageSplit
-from makd.errors import MakdError
+from makd.errors import MakdError, first_line
 from makd.teachers.base import Teacher, teacher_inputs
 from makd.transport import pack, unpack
 
@@ -173,7 +173,7 @@ class BatchMaker:
                     **({"encoded_images": split.encoded(i)} if "encoded_images" in self.wanted else {}),
                 }
             except UNREADABLE as exc:
-                failed.append((i, one_line(exc)))
+                failed.append((i, first_line(exc)))
         if "images" in self.wanted and self.prepare is not None:
             prepared, rejected = prepare_each(self.prepare, [(i, loaded[i]["images"]) for i in loaded])
             failed += rejected
@@ -206,13 +206,8 @@ def prepare_each(prepare: Callable[[list[Image.Image]], Any],
             try:
                 prepare([img])
             except Exception as exc:  # noqa: BLE001
-                rejected.append((i, f"the teacher's processor rejects it: {one_line(exc)}"))
+                rejected.append((i, f"the teacher's processor rejects it: {first_line(exc)}"))
         if not rejected:
             raise batch_error
         bad = {i for i, _ in rejected}
         return prepare([img for i, img in images if i not in bad]), rejected
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

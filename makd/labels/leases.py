@@ -266,6 +266,11 @@ class LeaseBoard:
             raise OutputError(exc.errno, os_error_message(exc, "write", target)) from None
         return True
 
+    def wait_released(self, name: str, poll_s: float = 0.2) -> None:
+        """Until nobody holds a live lease on `name` (its holder finished, or died and its lease expired)."""
+        while (holder := self.holders().get(name)) is not None and not holder.expired():
+            time.sleep(poll_s)
+
     def remove_leftovers(self) -> None:
         """Temporary files of killed workers (their leases themselves expire)."""
         remove_stale_temporaries(self.folder)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,7 +118,7 @@ def shared_samples(config: Config, out: Path, samples: Callable[[Config], ImageS
     board = LeaseBoard(out / LEASE_DIR, timeout=lease_timeout)
     lease = board.try_claim(LISTING_LEASE)
     if lease is None:  # another worker is listing: wait for its listing rather than scan the images too
-        _wait_released(board, LISTING_LEASE)
+        board.wait_released(LISTING_LEASE)
         return listed_split(out, key) or samples(config)
     with lease:
         split = listed_split(out, key) or samples(config)
@@ -154,11 +153,6 @@ def _may_record(out: Path, split: ImageSplit, overwrite: bool) -> bool:
         return read_json(meta_path).get("sample_ids_hash") == ids_hash(split.sample_ids)
     except Exception:  # noqa: BLE001 - a damaged labels.json is reported by the writer, with its name
         return False
-
-
-def _wait_released(board: LeaseBoard, name: str, poll_s: float = 0.2) -> None:
-    while (holder := board.holders().get(name)) is not None and not holder.expired():
-        time.sleep(poll_s)
 
 
 def _reusable(split: ImageSplit) -> bool:

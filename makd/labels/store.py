@@ -51,7 +51,7 @@ import pydantic
 import makd
 from makd.atomic import atomic_path, read_json, stale_temporaries, write_json
 from makd.effects import EXECUTION, RESULTS, marked
-from makd.errors import MakdError
+from makd.errors import MakdError, first_line
 from makd.questions import QuestionSet
 from makd.questions.questionset import content_hash
 
@@ -289,7 +289,7 @@ class LabelStore:
                 with pq.ParquetFile(self.path / shard_name(i)) as file:
                     shards.append((i, file.read()))
             except (OSError, pa.ArrowException) as exc:
-                problems.append(f"{shard_name(i)}: unreadable ({str(exc).splitlines()[0]})")
+                problems.append(f"{shard_name(i)}: unreadable ({first_line(exc)})")
         return shards, problems
 
     def validate_rows(self, shards: Sequence[tuple[int, pa.Table]]) -> tuple[pa.Table | None, list[str]]:

@@ -210,12 +210,15 @@ class LabelWriter:
         return self.store.write_shard(index, table, source=f"teacher {self.store.meta['teacher']['name']} returned targets")
 
     def finish(self, lease_timeout: float = DEFAULT_TIMEOUT_S) -> LabelStore:
-        """Consolidate the store once every shard is there (one worker does it: the others find it done)."""
+        """Consolidate the store once every shard is there: one worker does it, the others wait for it (reading the
+        store before would make each of them consolidate it again)."""
         if self.store.missing_shards():
             return self.store
         board = LeaseBoard(self.store.path / LEASE_DIR, timeout=lease_timeout)
         lease = board.try_claim("consolidate")
-        if lease is not None:
+        if lease is None:
+            board.wait_released("consolidate")
+        else:
             with lease:
                 self.store.consolidate()
             with contextlib.suppress(OSError):  # not empty: another worker's lease (listing a rerun's images)

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from makd.errors import MakdError
+from makd.errors import MakdError, first_line
 from makd.teachers.hf_adapter import SuffixLayout
 
 log = logging.getLogger("makd")
@@ -117,8 +117,7 @@ class ReusePolicy:
     def failed(self, exc: BaseException) -> None:
         """A shared-prefix forward raised (not out of memory): reuse off for the shard."""
         self.counters.forward_failures += 1
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        self._give_up(f"the shared-prefix forward failed ({type(exc).__name__}: {first[:200]})")
+        self._give_up(f"the shared-prefix forward failed ({type(exc).__name__}: {first_line(exc)[:200]})")
 
     def _give_up(self, reason: str, for_good: bool = False) -> None:
         if self.mode == "on":
