@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 import time
@@ -79,13 +80,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def new_temporary_file(path: Path) -> Path:
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; rename it onto `path` only if the block succeeds. An empty folder at
+    `path` is replaced; one that another writer filled meanwhile is kept (the writers of one folder compute the same
+    content: a cache entry, generated data)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temporary_file(path, folder=True)
+    except OSError as exc:
+        raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
+    try:
+        yield tmp
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise OutputError(exc.errno, os_error_message(exc, "write", path)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_temporary_file(path: Path, folder: bool = False) -> Path:
     """An empty `.<name>.<host>-<pid>.<random>.tmp` beside `path`, created with mode 0666 so that the umask decides
-    its permissions, as for any file a program writes (mkstemp's 0600 would make every output private)."""
+    its permissions, as for any file a program writes (mkstemp's 0600 would make every output private); with
+    `folder`, an empty folder of that name (mode 0777 less the umask)."""
     while True:
         tmp = path.parent / f".{path.name}.{HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                os.mkdir(tmp)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
@@ -101,9 +130,9 @@ def _disk_full(folder: Path, exc: BaseException) -> bool:
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Temporary files in `folder` whose writer is gone (see the module docstring)."""
+    """Temporary files and folders in `folder` whose writer is gone (see the module docstring)."""
     try:
-        entries = [e for e in os.scandir(folder) if TEMPORARY.match(e.name) and e.is_file(follow_symlinks=False)]
+        entries = [e for e in os.scandir(folder) if TEMPORARY.match(e.name) and not e.is_symlink()]
     except (FileNotFoundError, NotADirectoryError):
         return []
     stale = []
@@ -125,7 +154,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Remove what killed writers left in `folder`; called when a command starts writing there. Returns the count."""
     stale = stale_temporaries(folder)
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return len(stale)
 
 

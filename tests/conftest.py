@@ -19,10 +19,13 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# makd's cache (the bridge's ImageNet prompt embeddings, canvases) for this session only, shared with the commands
-# the tests start: nothing from a user's ~/.cache/makd, nothing left there.
-os.environ["MAKD_CACHE"] = tempfile.mkdtemp(prefix="makd-test-cache-")
-atexit.register(shutil.rmtree, os.environ["MAKD_CACHE"], ignore_errors=True)
+# makd's cache (the bridge's ImageNet prompt embeddings, canvases, GGUF conversions) for this session only, shared by
+# the pytest workers (made by the main process, which starts them) and the commands the tests start: nothing from a
+# user's ~/.cache/makd, nothing left there. Its entries are written atomically: workers may fill one at once.
+if not os.environ.get("MAKD_TEST_SESSION_CACHE"):
+    os.environ["MAKD_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="makd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MAKD_TEST_SESSION_CACHE"], ignore_errors=True)
+os.environ["MAKD_CACHE"] = os.environ["MAKD_TEST_SESSION_CACHE"]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest worker per core (pytest-xdist): each worker and the processes its tests start use
     # one thread, so that two workers never ask for four cores (OpenMP threads spinning against each other).

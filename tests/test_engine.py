@@ -167,7 +167,7 @@ def test_a_non_finite_loss_stops_fp32_at_the_next_check_and_fp16_leaves_it_to_th
         total, parts, counted = original(self, net, batch, epoch)
         calls["n"] += 1
         if calls["n"] != 2:
-            kept.append((float(total), len(batch)))
+            kept.append((float(total.detach()), len(batch)))
         return (total * float("nan") if calls["n"] == 2 else total), parts, counted
 
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)

@@ -20,10 +20,13 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
             "import numpy as np; from safetensors.numpy import save_file\n"
             f"write_json({str(tmp_path / 'a.json')!r}, {{'x': 1}})\n"
             f"with atomic_path({str(tmp_path / 'sub' / 'b.bin')!r}) as tmp: tmp.write_bytes(b'1')\n"
-            f"with atomic_path({str(tmp_path / 'c.safetensors')!r}) as tmp: save_file({{'w': np.zeros(2)}}, str(tmp))")
+            f"with atomic_path({str(tmp_path / 'c.safetensors')!r}) as tmp: save_file({{'w': np.zeros(2)}}, str(tmp))\n"
+            "from makd.atomic import atomic_folder\n"
+            f"with atomic_folder({str(tmp_path / 'd')!r}) as tmp: (tmp / 'e.bin').write_bytes(b'1')")
     subprocess.run([sys.executable, "-c", code], check=True)
-    for name in ("a.json", "sub/b.bin", "c.safetensors"):
+    for name in ("a.json", "sub/b.bin", "c.safetensors", "d/e.bin"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == mode | (mode & 0o444) >> 2  # folders: x where r
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -100,7 +100,8 @@ def test_openai_backend_matches_the_same_model_run_locally(lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_writes_distinct_well_formed_questions(tmp_path):
+def test_embedded_smollm2_writes_distinct_well_formed_questions(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAKD_CACHE", str(tmp_path / "makd-cache"))  # this test's own: the GGUF is converted here
     llm = TextLLM.from_options({"backend": "smollm2", "max_new_tokens": 80}, cache=tmp_path / "cache.json")
     qs, log = generate_questions(CLASSES, llm, n=8, num_images=200, samples=2, max_rounds=8, progress=False)
     assert len(qs) == 8
@@ -109,3 +110,23 @@ def test_embedded_smollm2_writes_distinct_well_formed_questions(tmp_path):
         assert text.endswith("?") and text.split()[0].lower() in YES_NO_OPENERS, text
         assert class_mentioned(text, CLASSES) is None, text
     assert qs.generation["llm"]["backend"] == "smollm2" and log["responses"]
+
+    # The dequantised tokenizer and weights were kept (tests/test_gguf_cache.py): the next load reads them, not the
+    # GGUF, and gets the same tensors and the same tokens.
+    import transformers
+
+    loads = []
+    for auto in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(
+            lambda cls, path, *a, _original=original, **kw: loads.append((path, kw)) or _original(cls, path, *a, **kw)))
+    model, tokenizer = llm._load_local()
+    model_again, tokenizer_again = TextLLM.from_options({"backend": "smollm2"})._load_local()
+    weights, weights_again = model.state_dict(), model_again.state_dict()
+    assert weights.keys() == weights_again.keys() and all(weights[k].equal(weights_again[k]) for k in weights)
+    text = " ".join(qs.texts) + " Ünïcode, ÷ and 12,345 tokens."
+    chat = [{"role": "user", "content": text}]
+    assert tokenizer_again.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tokenizer_again(text).input_ids == tokenizer(text).input_ids
+    assert len(loads) == 2 and all(p.startswith(str(tmp_path / "makd-cache" / "gguf")) and "gguf_file" not in kw
+                                   for p, kw in loads), loads

@@ -331,15 +331,22 @@ def test_only_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
         "older_makd_recent": ".config.yaml.k3j4h5.tmp",  # no writer in the name: judged by age
         "older_makd_old": ".metrics.csv.m6n7b8.tmp",
     }
+    folders = {  # atomic_folder's (a cache entry, generated canvases), judged the same way
+        "dead_folder": f".0a1b2c.{HOST}-{dead_pid()}.d4e5f6.tmp",
+        "live_folder": f".0a1b2c.{HOST}-{os.getpid()}.g7h8i9.tmp",
+    }
     for name in files.values():
         (tmp_path / name).write_bytes(b"partial")
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
     old = time.time() - STALE_AFTER_S - 60
     for key in ("other_host_old", "older_makd_old"):
         os.utime(tmp_path / files[key], (old, old))
     (tmp_path / "last.pt").write_bytes(b"finished")
-    assert remove_stale_temporaries(tmp_path) == 3
+    assert remove_stale_temporaries(tmp_path) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [files["live"], files["other_host_recent"], files["older_makd_recent"], "last.pt"])
+        [files["live"], files["other_host_recent"], files["older_makd_recent"], folders["live_folder"], "last.pt"])
 
 
 def test_labelling_removes_a_killed_workers_temporary_files_but_not_a_live_ones(tmp_path, fmnist_test, capsys):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from makd.clients.gguf_cache import load_gguf
 from makd.effects import EXECUTION, RESULTS
 from makd.errors import MakdError, first_line
 from makd.launchers import device_for_process, from_env, processes_on_node
@@ -108,6 +109,8 @@ def load_pretrained(loader: Any, o: HFModelOptions, what: str, section: str = "t
     extra = {"gguf_file": o.gguf_file} if o.gguf_file else {}
     offline = hub_offline(o.model)
     try:
+        if o.gguf_file and not o.trust_remote_code and Path(o.model).expanduser().is_dir():
+            return load_gguf(loader, o.model, o.gguf_file, **kwargs)  # dequantised once, then from makd's cache
         return loader.from_pretrained(o.model, revision=o.revision, trust_remote_code=o.trust_remote_code, **extra,
                                       **({"local_files_only": True} if offline else {}), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from makd.atomic import read_json, write_json
+from makd.atomic import atomic_folder, read_json, write_json
 from makd.cache import cache_dir
 from makd.config import Config, DetectionConfig
 from makd.data.base import load_image
@@ -285,9 +282,7 @@ def ensure_canvases(config: Config) -> Path:
         return root
     if root.exists() and any(root.iterdir()):
         raise MakdError(f"detection.root {root} is not empty and holds no canvases.json: use another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_folder(root) as tmp:
         sources = {s: load_fashion_mnist(s, config.data.root) for s in ("train", "test")}
         for split in ("train", "val", "test"):
             source, start, stop = POOLS[split]
@@ -297,11 +292,6 @@ def ensure_canvases(config: Config) -> Path:
                                                     opts, rng)
             write_coco(tmp, split, canvases, boxes, labels, items.class_names, first_id=1 + 1_000_000 * list(POOLS).index(split))
         write_json(tmp / "canvases.json", manifest)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
