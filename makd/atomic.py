@@ -138,6 +138,8 @@ def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     stale = []
     for entry in entries:
         writer = WRITER.search(entry.name)
+        if not writer and entry.is_dir(follow_symlinks=False):
+            continue  # folders only in atomic_folder's own naming: never a user's `.something.tmp` folder
         if writer and writer["host"] == HOST:
             gone = not process_running(int(writer["pid"]))
         else:

@@ -58,7 +58,7 @@ def test_converted_once_then_loaded_from_the_entry(gguf, tmp_path):
     again = gguf_cache.load_gguf(StandInLoader, str(gguf), "m.gguf", dtype="float32")
     assert again.value == "vocab-1" and conversions() == 1
     entry, kwargs = StandInLoader.calls[-1]
-    assert entry.startswith(str(tmp_path / "cache" / "gguf")) and kwargs == {"local_files_only": True, "dtype": "float32"}
+    assert entry.startswith(str(tmp_path / "cache" / "gguf")) and kwargs == {"local_files_only": True, "trust_remote_code": False, "dtype": "float32"}
     # Another dtype is another entry.
     gguf_cache.load_gguf(StandInLoader, str(gguf), "m.gguf", dtype="bfloat16")
     assert conversions() == 2 and len(list((tmp_path / "cache" / "gguf").iterdir())) == 2

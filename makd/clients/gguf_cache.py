@@ -33,15 +33,19 @@ def load_gguf(loader: Any, folder: str, gguf_file: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained(folder, gguf_file=gguf_file, **kwargs)`, from the cached conversion when there is one."""
     source = Path(folder).expanduser() / gguf_file
     if set(kwargs) - CACHEABLE_KWARGS or not source.is_file():
-        return loader.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+        return loader.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False, **kwargs)
     entry = cache_dir() / "gguf" / entry_key(loader, source, kwargs)
-    if entry.is_dir():
+    try:
+        cached = entry.is_dir()
+    except OSError:  # an unreadable cache folder: a miss
+        cached = False
+    if cached:
         try:
-            return loader.from_pretrained(str(entry), local_files_only=True, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            return loader.from_pretrained(str(entry), local_files_only=True, trust_remote_code=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry (safetensors, tokenizers raise their own)
             log.warning("GGUF cache entry %s unreadable (%s): converting %s again", entry, exc, source)
             shutil.rmtree(entry, ignore_errors=True)
-    loaded = loader.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+    loaded = loader.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False, **kwargs)
     save_entry(loaded, entry)
     return loaded
 
@@ -58,14 +62,14 @@ def entry_key(loader: Any, source: Path, kwargs: dict[str, Any]) -> str:
 def save_entry(loaded: Any, entry: Path) -> None:
     """A reader sees a whole entry or none (written aside, then renamed); a failure leaves the cache as it was and
     the run goes on (the cache is an optimisation only)."""
-    remove_stale_temporaries(entry.parent)  # what a killed conversion left (half a gigabyte for SmolLM2)
     try:
+        remove_stale_temporaries(entry.parent)  # what a killed conversion left (half a gigabyte for SmolLM2)
         with atomic_folder(entry) as tmp:
             if hasattr(loaded, "state_dict"):
                 _save_model(loaded, tmp)
             else:
                 loaded.save_pretrained(str(tmp))
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # a full disk, a read-only home
+    except Exception as exc:  # noqa: BLE001 - a full disk, a read-only home (safetensors raises its own error type)
         log.warning("GGUF conversion not cached in %s: %s", entry, exc)
 
 
