@@ -14,6 +14,7 @@ folder costs one conversion; an unreadable entry is converted again.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -31,9 +32,10 @@ log = logging.getLogger("makd.gguf")
 
 def load_gguf(loader: Any, folder: str, gguf_file: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained(folder, gguf_file=gguf_file, **kwargs)`, from the cached conversion when there is one."""
+    convert = functools.partial(loader.from_pretrained, folder, gguf_file=gguf_file, trust_remote_code=False, **kwargs)
     source = Path(folder).expanduser() / gguf_file
     if set(kwargs) - CACHEABLE_KWARGS or not source.is_file():
-        return loader.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False, **kwargs)
+        return convert()
     entry = cache_dir() / "gguf" / entry_key(loader, source, kwargs)
     try:
         cached = entry.is_dir()
@@ -45,7 +47,7 @@ def load_gguf(loader: Any, folder: str, gguf_file: str, **kwargs: Any) -> Any:
         except Exception as exc:  # noqa: BLE001 - any unreadable entry (safetensors, tokenizers raise their own)
             log.warning("GGUF cache entry %s unreadable (%s): converting %s again", entry, exc, source)
             shutil.rmtree(entry, ignore_errors=True)
-    loaded = loader.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False, **kwargs)
+    loaded = convert()
     save_entry(loaded, entry)
     return loaded
 
